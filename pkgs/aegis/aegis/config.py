@@ -1,0 +1,78 @@
+"""The proxy's configuration: one frozen object, validated once, before anything starts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from .targets import Target, check_name
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the setting."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a Prometheus-style duration (``10s``, ``1m30s``, ``250ms``) or a bare number."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(value):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            pos = match.end()
+        if pos == 0 or pos != len(value):
+            raise ValueError(f"{text!r} is not a duration (examples: 10s, 1m30s, 250ms)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} is not a finite, non-negative duration")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything :func:`aegis.proxy.make_app` needs.
+
+    ``sockdir`` is scanned on every request, so sockets that appear later are served and a
+    directory that does not exist yet is simply empty. ``targets`` are explicit name → socket
+    entries that take precedence over the directory.
+    """
+
+    sockdir: Path = Path("run")
+    targets: Mapping[str, Target] = field(default_factory=dict)
+    #: Upstream deadline when the scraper sends no X-Prometheus-Scrape-Timeout-Seconds.
+    scrape_timeout: float = 10.0
+    #: Subtracted from the scraper's own timeout so that Aegis answers 504 before it gives up.
+    timeout_offset: float = 0.5
+    #: Idle keep-alive connections kept per upstream socket.
+    max_idle_per_socket: int = 8
+    #: Seconds an idle upstream connection is kept for reuse.
+    upstream_idle_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sockdir", Path(self.sockdir))
+        targets: dict[str, Target] = {}
+        for key, target in self.targets.items():
+            if key != target.name:
+                raise ConfigError(f"target {key!r}: entry is named {target.name!r}")
+            try:
+                check_name(key)
+            except ValueError as exc:
+                raise ConfigError(f"target {key!r}: {exc}") from None
+            targets[key] = target
+        object.__setattr__(self, "targets", MappingProxyType(targets))
+        for name in ("scrape_timeout", "upstream_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.timeout_offset >= 0:
+            raise ConfigError(f"timeout_offset must not be negative, got {self.timeout_offset!r}")
+        if self.max_idle_per_socket < 0:
+            raise ConfigError("max_idle_per_socket must not be negative")

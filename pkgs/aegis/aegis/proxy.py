@@ -1,0 +1,265 @@
+"""The proxy: ``GET /<name>`` answered by ``<sockdir>/<name>.sock`` (path ``/metrics``).
+
+Build the application with :func:`make_app` and run it, or mount it in another aiohttp program::
+
+    from aegis.proxy import Config, make_app
+
+    outer.add_subapp("/aegis/", make_app(Config(sockdir=Path("/run/metrics"))))
+
+Failures map to statuses in one place (:data:`FAILURE_STATUS`); a scrape either returns what the
+service returned, untouched, or fails visibly — a page cut short aborts the connection, so it is
+never taken for a complete 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .config import Config, ConfigError, parse_duration
+from .targets import BadName, NoSuchTarget, Target, Targets
+from .upstream import Exchange, UpstreamError, UpstreamPool
+
+__all__ = ["FAILURE_STATUS", "Config", "ConfigError", "Target", "make_app", "parse_duration"]
+
+log = logging.getLogger("aegis.proxy")
+
+CONFIG_KEY = web.AppKey("aegis_config", Config)
+TARGETS_KEY = web.AppKey("aegis_targets", Targets)
+POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
+
+#: Every way a scrape can fail before the upstream's answer starts, and what the scraper sees.
+FAILURE_STATUS = {
+    "bad_name": 400,
+    "unknown": 404,
+    "refused": 502,
+    "gone": 502,
+    "connect": 502,
+    "permission": 502,
+    "reset": 502,
+    "stale": 502,
+    "protocol": 502,
+    "timeout": 504,
+}
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus what a GET without a body never forwards.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"host",
+        b"x-forwarded-for",
+    }
+)
+_HOP_BY_HOP_RESPONSE = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+
+
+def make_app(config: Config) -> web.Application:
+    """The proxy as an aiohttp application; mountable with ``add_subapp``."""
+    app = web.Application()
+    app[CONFIG_KEY] = config
+    app[TARGETS_KEY] = Targets(config.sockdir, config.targets)
+    app.cleanup_ctx.append(_upstream_pool)
+    app.router.add_get("/{name}", _handle, allow_head=True)
+    return app
+
+
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG_KEY]
+    if not config.sockdir.is_dir():
+        log.warning("socket directory %s does not exist (yet): answering 404", config.sockdir)
+    pool = UpstreamPool(
+        max_idle_per_socket=config.max_idle_per_socket,
+        idle_timeout=config.upstream_idle_timeout,
+    )
+    app[POOL_KEY] = pool
+    yield
+    pool.close()
+
+
+def deadline(request: web.Request, config: Config) -> float:
+    """Seconds the whole upstream exchange may take."""
+    value = request.headers.get(_SCRAPE_TIMEOUT_HEADER)
+    if value is not None:
+        try:
+            scraper = float(value)
+        except ValueError:
+            scraper = 0.0
+        if scraper > 0 and scraper != float("inf"):
+            # Answer before the scraper gives up, but never with less than half its budget.
+            return max(scraper - config.timeout_offset, scraper / 2)
+    return config.scrape_timeout
+
+
+def _failure(kind: str, name: str, reason: str, detail: str = "") -> web.Response:
+    """The scraper gets a one-line reason; the log also gets the details (paths, owners)."""
+    status = FAILURE_STATUS[kind]
+    level = logging.INFO if status < 500 else logging.WARNING
+    log.log(level, "%s %s: %s%s", status, name, reason, f" ({detail})" if detail else "")
+    return web.Response(status=status, text=reason + "\n")
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    name = request.match_info["name"]
+    try:
+        endpoint = app[TARGETS_KEY].resolve(name)
+    except BadName as exc:
+        return _failure("bad_name", repr(name)[:120], f"bad target name: {exc}")
+    except NoSuchTarget as exc:
+        log.debug("404 %s: %s", name, exc)
+        return web.Response(status=404, text="no such target\n")
+    except PermissionError as exc:
+        return _failure(
+            "permission", name, "permission denied", _permission_detail(str(exc.filename))
+        )
+
+    head_only = request.method == "HEAD"
+    request_head = _request_head(request, endpoint.path)
+    pool = app[POOL_KEY]
+    response: web.StreamResponse | None = None
+    conn: Exchange | None = None
+    try:
+        async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
+            conn = await pool.send(
+                endpoint.socket, endpoint.identity, request_head, head_only=head_only
+            )
+            response = web.StreamResponse(
+                status=conn.status, reason=conn.reason or None, headers=_response_headers(conn)
+            )
+            await response.prepare(request)
+            while chunk := await conn.read():
+                await response.write(chunk)
+    except PermissionError:
+        detail = _permission_detail(endpoint.socket)
+        return _failure("permission", name, "permission denied", detail)
+    except (UpstreamError, TimeoutError) as exc:
+        if conn is not None:
+            conn.abort()
+        kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
+        reason = exc.reason if isinstance(exc, UpstreamError) else "upstream deadline exceeded"
+        if response is None:
+            return _failure(kind, name, f"upstream: {reason}", endpoint.socket)
+        # The status line is out: the only honest signal left is to break the connection.
+        log.warning("%s: aborted mid-response: %s (%s)", name, reason, endpoint.socket)
+        _abort_client(request)
+        return response
+    except BaseException:
+        if conn is not None:
+            conn.abort()
+        raise
+    pool.release(conn)
+    return response
+
+
+def _request_head(request: web.Request, path: str) -> bytes:
+    query = request.rel_url.raw_query_string
+    target = f"{path}?{query}" if query else path
+    connection_named = frozenset(
+        token.strip().lower().encode("latin-1")
+        for value in request.headers.getall("Connection", ())
+        for token in value.split(",")
+    )
+    host = b"localhost"
+    forwarded_for: list[bytes] = []
+    parts = [f"{request.method} {target} HTTP/1.1\r\n".encode("latin-1")]
+    for header, value in request.raw_headers:
+        lower = header.lower()
+        if lower in _HOP_BY_HOP or lower in connection_named:
+            if lower == b"host" and value:
+                host = value
+            elif lower == b"x-forwarded-for":
+                forwarded_for.append(value)
+            continue
+        parts.append(header + b": " + value + b"\r\n")
+    parts.append(b"Host: " + host + b"\r\n")
+    if request.remote:
+        forwarded_for.append(request.remote.encode("latin-1"))
+    if forwarded_for:
+        parts.append(b"X-Forwarded-For: " + b", ".join(forwarded_for) + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _response_headers(conn: Exchange) -> list[tuple[str, str]]:
+    named = {
+        token.strip().lower()
+        for header, value in conn.headers
+        if header.lower() == b"connection"
+        for token in value.decode("latin-1").split(",")
+    }
+    headers = []
+    for header, value in conn.headers:
+        name = header.decode("latin-1")
+        lower = name.lower()
+        if lower not in _HOP_BY_HOP_RESPONSE and lower not in named:
+            headers.append((name, value.decode("latin-1")))
+    return headers
+
+
+def _abort_client(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _permission_detail(path: str) -> str:
+    """Which file, which group, and who we are: what an operator needs to fix the permissions."""
+    try:
+        st = os.stat(path)
+        owner = _user_name(st.st_uid)
+        group = _group_name(st.st_gid)
+        about = f"{path} is {owner}:{group} mode {st.st_mode & 0o7777:04o}"
+    except OSError:
+        parent = os.path.dirname(path) or "."
+        try:
+            st = os.stat(parent)
+            about = (
+                f"directory {parent} is {_user_name(st.st_uid)}:{_group_name(st.st_gid)} "
+                f"mode {st.st_mode & 0o7777:04o}"
+            )
+        except OSError:
+            about = f"{path} cannot be inspected"
+    groups = ",".join(_group_name(gid) for gid in sorted(set(os.getgroups()) | {os.getegid()}))
+    return f"{about}; aegis runs as {_user_name(os.geteuid())} in groups {groups}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

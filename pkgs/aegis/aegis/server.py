@@ -1,0 +1,225 @@
+"""Running the proxy as a process: listening sockets, worker processes, signals, graceful stop.
+
+This is the command line's engine, not the library: it installs signal handlers and forks. Other
+programs mount :func:`aegis.proxy.make_app` in their own server instead.
+
+Several workers share each TCP port through ``SO_REUSEPORT`` (the kernel spreads connections
+across them); Unix-socket and systemd-provided listeners are one socket that every worker accepts
+on. The parent binds everything before forking, so a port in use is one clear error at start, and
+then only supervises: it forwards SIGTERM/SIGINT, restarts a worker that died, and exits 0 once
+every worker finished its in-flight scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+log = logging.getLogger("aegis.server")
+
+_SD_LISTEN_FDS_START = 3
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """Where to accept scrapes: TCP ``host:port``, ``unix:/path``, or an inherited descriptor."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+    fd: int = -1
+
+    @classmethod
+    def parse(cls, text: str) -> Listener:
+        """``host:port``, ``[v6]:port``, ``:port`` (every address) or ``unix:/path``."""
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path:
+                raise ValueError(f"{text!r}: unix: needs a socket path")
+            return cls(unix_path=path)
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r} is not host:port (IPv6 in brackets: [::1]:31337)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host or "[" in host or "]" in host:
+            raise ValueError(f"{text!r}: an IPv6 address goes in brackets, like [::1]:31337")
+        return cls(host=host, port=int(port_text))
+
+    def __str__(self) -> str:
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
+        if self.fd >= 0:
+            return f"fd:{self.fd}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def systemd_listeners() -> list[Listener]:
+    """The sockets systemd passed (``LISTEN_FDS``), or an error saying why there are none."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        raise ValueError("--web.systemd-socket: LISTEN_PID does not name this process")
+    count = int(os.environ.get("LISTEN_FDS", "0") or "0")
+    if count < 1:
+        raise ValueError("--web.systemd-socket: systemd passed no sockets (LISTEN_FDS)")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [Listener(fd=fd) for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count)]
+
+
+def bind(listeners: Sequence[Listener], workers: int) -> list[list[socket.socket]]:
+    """The listening sockets of each worker (index = worker)."""
+    per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
+    for listener in listeners:
+        if listener.fd >= 0:
+            shared = socket.socket(fileno=listener.fd)
+            shared.setblocking(False)
+            for socks in per_worker:
+                socks.append(shared)
+        elif listener.unix_path:
+            shared = _bind_unix(listener.unix_path)
+            for socks in per_worker:
+                socks.append(shared)
+        else:
+            port = listener.port
+            for socks in per_worker:
+                sock = _bind_tcp(listener.host, port, reuse_port=workers > 1)
+                port = sock.getsockname()[1]  # with port 0, the others join the one picked
+                socks.append(sock)
+    return per_worker
+
+
+def _bind_tcp(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # "[::]:31337" means every address, IPv4 included, as it does for the Go original.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_unix(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left behind by an earlier run; anything else is not ours to remove
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+AppFactory = Callable[[], web.Application]
+
+
+def serve(
+    app_factory: AppFactory, socks: list[list[socket.socket]], *, shutdown_grace: float
+) -> int:
+    """Serve until SIGTERM or SIGINT; returns the exit status."""
+    if len(socks) == 1:
+        return _run_worker(app_factory, socks[0], shutdown_grace)
+    return _supervise(app_factory, socks, shutdown_grace)
+
+
+def _run_worker(app_factory: AppFactory, socks: list[socket.socket], grace: float) -> int:
+    async def main() -> None:
+        runner = web.AppRunner(
+            app_factory(), handle_signals=False, access_log=None, shutdown_timeout=grace
+        )
+        await runner.setup()
+        for sock in socks:
+            await web.SockSite(runner, sock).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in _STOP_SIGNALS:
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.debug("worker %d stopping: finishing in-flight scrapes", os.getpid())
+        await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+    return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return None
+    return uvloop.new_event_loop
+
+
+def _supervise(app_factory: AppFactory, socks: list[list[socket.socket]], grace: float) -> int:
+    watched = {signal.SIGCHLD, *_STOP_SIGNALS}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+
+    def spawn(index: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                code = _run_worker(app_factory, socks[index], grace)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        return pid
+
+    workers = {spawn(index): index for index in range(len(socks))}
+    log.info("%d workers: %s", len(workers), " ".join(map(str, workers)))
+    stopping_since: float | None = None
+    failed = False
+    while workers:
+        info = signal.sigtimedwait(watched, 1.0)
+        if info is not None and info.si_signo in _STOP_SIGNALS and stopping_since is None:
+            stopping_since = time.monotonic()
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        while workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            index = workers.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if stopping_since is None:
+                log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+                time.sleep(1.0)  # a worker that dies at once must not become a fork loop
+                workers[spawn(index)] = index
+            elif code != 0:
+                failed = True
+        if stopping_since is not None and time.monotonic() - stopping_since > grace + 5:
+            log.error("workers did not stop within %.0f s; killing them", grace + 5)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            failed = True
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return 1 if failed else 0
