@@ -53,7 +53,7 @@ class Config:
     #: Subtracted from the scraper's own timeout so that Aegis answers 504 before it gives up.
     timeout_offset: float = 0.5
     #: Idle keep-alive connections kept per upstream socket.
-    max_idle_per_socket: int = 8
+    max_idle_per_socket: int = 64
     #: Seconds an idle upstream connection is kept for reuse.
     upstream_idle_timeout: float = 60.0
 

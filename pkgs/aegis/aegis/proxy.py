@@ -151,10 +151,19 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             conn = await pool.send(
                 endpoint.socket, endpoint.identity, request_head, head_only=head_only
             )
-            response = web.StreamResponse(
-                status=conn.status, reason=conn.reason or None, headers=_response_headers(conn)
-            )
+            reason = conn.reason or None
+            first = b"" if head_only else await conn.read()
+            if conn.finished and not head_only:
+                # The whole page came with the head (the common case for a scrape): one
+                # response, one write, no streaming machinery. aiohttp sets Content-Length.
+                pool.release(conn)
+                headers = _response_headers(conn, keep_length=False)
+                return web.Response(status=conn.status, reason=reason, headers=headers, body=first)
+            headers = _response_headers(conn, keep_length=True)
+            response = web.StreamResponse(status=conn.status, reason=reason, headers=headers)
             await response.prepare(request)
+            if first:
+                await response.write(first)
             while chunk := await conn.read():
                 await response.write(chunk)
     except PermissionError:
@@ -208,7 +217,7 @@ def _request_head(request: web.Request, path: str) -> bytes:
     return b"".join(parts)
 
 
-def _response_headers(conn: Exchange) -> list[tuple[str, str]]:
+def _response_headers(conn: Exchange, *, keep_length: bool) -> list[tuple[str, str]]:
     named = {
         token.strip().lower()
         for header, value in conn.headers
@@ -220,6 +229,8 @@ def _response_headers(conn: Exchange) -> list[tuple[str, str]]:
         name = header.decode("latin-1")
         lower = name.lower()
         if lower not in _HOP_BY_HOP_RESPONSE and lower not in named:
+            if lower == "content-length" and not keep_length:
+                continue
             headers.append((name, value.decode("latin-1")))
     return headers
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -154,6 +155,8 @@ def _run_worker(app_factory: AppFactory, socks: list[socket.socket], grace: floa
         await runner.setup()
         for sock in socks:
             await web.SockSite(runner, sock).start()
+        # Everything built so far lives as long as the worker: keep the collector off it.
+        gc.freeze()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in _STOP_SIGNALS:

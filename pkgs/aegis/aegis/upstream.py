@@ -107,6 +107,11 @@ class Exchange(asyncio.Protocol):
             await self._waiter
 
     @property
+    def finished(self) -> bool:
+        """The whole body has been received and read."""
+        return self._complete and not self._body and self._error is None
+
+    @property
     def reusable(self) -> bool:
         return self._complete and self._keep_alive and not self.closed and not self._body
 
@@ -220,7 +225,7 @@ class Exchange(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections, per socket identity; one pool per application."""
 
-    def __init__(self, *, max_idle_per_socket: int = 8, idle_timeout: float = 60.0) -> None:
+    def __init__(self, *, max_idle_per_socket: int = 64, idle_timeout: float = 60.0) -> None:
         self._max_idle = max_idle_per_socket
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, tuple[int, int]], deque[Exchange]] = {}

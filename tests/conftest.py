@@ -1,0 +1,114 @@
+"""Shared fixtures: real Unix-socket upstreams and Aegis served on real TCP sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from aegis.proxy import Config, make_app
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+def sockdir(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir()
+    return path
+
+
+class Upstreams:
+    """Starts HTTP services on Unix sockets; everything is stopped when the test ends."""
+
+    def __init__(self) -> None:
+        self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.Server] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def http(self, path: Path, handler: Handler, *, route: str = "/metrics") -> list[str]:
+        """An aiohttp service answering ``route`` at ``path``; returns the list of request paths
+        (with query strings) it saw, for the test to inspect."""
+        seen: list[str] = []
+
+        async def recorded(request: web.Request) -> web.StreamResponse:
+            seen.append(request.path_qs)
+            return await handler(request)
+
+        app = web.Application()
+        app.router.add_route("*", route, recorded)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        self._runners.append(runner)
+        return seen
+
+    async def metrics(self, path: Path, text: str) -> list[str]:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(text=text, content_type="text/plain")
+
+        return await self.http(path, handler)
+
+    async def raw(self, path: Path, handler: RawHandler) -> asyncio.Server:
+        """A bare stream server, for upstreams that must misbehave in exact ways."""
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._writers.append(writer)
+            await handler(reader, writer)
+
+        server = await asyncio.start_unix_server(tracked, str(path))
+        self._servers.append(server)
+        return server
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        for server in self._servers:
+            server.close()
+        for writer in self._writers:
+            writer.close()
+        for server in self._servers:
+            await server.wait_closed()
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    started = Upstreams()
+    yield started
+    await started.close()
+
+
+AegisFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def aegis(sockdir: Path) -> AsyncIterator[AegisFactory]:
+    """``await aegis(**config)``: Aegis on 127.0.0.1 over real TCP, and a client for it."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def start(**overrides: object) -> TestClient[web.Request, web.Application]:
+        settings: dict[str, object] = {"sockdir": sockdir, **overrides}
+        client = TestClient(TestServer(make_app(Config(**settings)), host="127.0.0.1"))  # type: ignore[arg-type]
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        await client.close()
+
+
+def raw_http_get(port: int, request: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send bytes exactly as given and read until the server closes: for what aiohttp's client
+    would refuse to send or would paper over."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        chunks = []
+        while data := conn.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
