@@ -222,6 +222,28 @@ async def test_basic_auth_failures_are_401_with_challenge_and_headers(
         assert resp_headers["X-Frame-Options"] == "deny"
 
 
+async def test_bcrypt_runs_once_per_good_password_and_for_unknown_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    costs: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        costs.append(hashed[:7])
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        for _ in range(3):
+            assert (await get(url, headers=basic("alice", "wonderland")))[0] == 200
+        assert len(costs) == 1  # later scrapes hit the cache
+        for _ in range(2):
+            assert (await get(url, headers=basic("alice", "nope")))[0] == 401
+        assert len(costs) == 3  # failures are never cached
+        assert (await get(url, headers=basic("mallory", "x")))[0] == 401
+        assert costs[-1] == b"$2b$04$"  # unknown users pay the configured cost
+
+
 async def test_unknown_route_is_protected_too(tmp_path: Path) -> None:
     async with (
         serve(load_web_config(users_yaml(tmp_path))) as url,
