@@ -172,6 +172,21 @@ async def test_rotated_certificate_is_served_without_restart(certs: Path, ca: tr
         assert await served_cert(url) == second
 
 
+async def test_rotated_client_ca_replaces_the_old_one(certs: Path, ca: trustme.CA) -> None:
+    text = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: client_ca.crt\n"
+    async with serve(load_web_config(write(certs, text))) as url:
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 200
+        new_ca = trustme.CA()
+        new_ca.cert_pem.write_to_path(str(certs / "client_ca.crt"))
+        new_client = new_ca.issue_cert("scraper.example").private_key_and_cert_chain_pem
+        new_client.write_to_path(str(certs / "new.pem"))
+        st = (certs / "client_ca.crt").stat()
+        os.utime(certs / "client_ca.crt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert (await get(url, client_ctx(ca, certs / "new.pem")))[0] == 200
+        with pytest.raises(aiohttp.ClientError):
+            await get(url, client_ctx(ca, certs / "client.pem"))
+
+
 def users_yaml(tmp_path: Path) -> Path:
     alice = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode()
     bob = "$2y$" + bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()[4:]  # htpasswd -B

@@ -19,8 +19,9 @@ serve Aegis and the exporters next to it. Where Python's ``ssl`` cannot do what 
 * ``http_server_config.http2: true`` (the toolkit's default) is accepted and ignored with a
   warning: aiohttp speaks HTTP/1.1 only and clients fall back to it through ALPN.
 * ``rate_limit.burst`` must be at least 1 when ``interval`` is set (0 would refuse everything).
-* The file is read once; certificate and key files are re-read on the next handshake after
-  their mtime changes (the toolkit re-reads the whole file per request).
+* The file itself is read once, at start (the toolkit re-reads it per request); the cert, key
+  and client CA files are re-read on the first handshake after their stat() changes, and a
+  broken rotation keeps the previous pair and logs an error.
 """
 
 from __future__ import annotations
@@ -184,7 +185,11 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """A server context that picks up rotated certificate files on the next handshake."""
+    """A server context that picks up rotated cert/key/CA files on the next handshake.
+
+    OpenSSL calls ``sni_callback`` on every handshake, with or without SNI, so it is where a
+    freshly built context can be swapped in without a restart.
+    """
     ctx = _build_context(tls)
     ctx.sni_callback = _Rotator(tls, ctx)
     return ctx
