@@ -1,0 +1,353 @@
+"""webconfig: real files, real certificates, a real aiohttp server and real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bcrypt
+import pytest
+import trustme
+from aegis.webconfig import (
+    WebConfig,
+    WebConfigError,
+    load_web_config,
+    server_ssl_context,
+    setup_web_config,
+)
+from aiohttp import web
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def certs(tmp_path: Path, ca: trustme.CA) -> Path:
+    """server.crt/server.key for 127.0.0.1 and a client CA with one client, all in tmp_path."""
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    client_ca = trustme.CA()
+    client_ca.cert_pem.write_to_path(str(tmp_path / "client_ca.crt"))
+    client_ca.issue_cert("scraper.example").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "client.pem")
+    )
+    trustme.CA().issue_cert("scraper.example").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "stranger.pem")
+    )
+    return tmp_path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "web.yml"
+    path.write_text(text)
+    return path
+
+
+def client_ctx(ca: trustme.CA, cert: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    if cert is not None:
+        ctx.load_cert_chain(cert)
+    return ctx
+
+
+async def echo(request: web.Request) -> web.Response:
+    """What a proxy handler would forward: every header it can see."""
+    return web.json_response(
+        {
+            "headers": dict(request.headers),
+            "raw": [k.decode() for k, _ in request.raw_headers],
+            "name": request.match_info["name"],
+        }
+    )
+
+
+@asynccontextmanager
+async def serve(config: WebConfig) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get("/{name}/metrics", echo)
+    setup_web_config(app, config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ssl_context = server_ssl_context(config.tls) if config.tls else None
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"{'https' if ssl_context else 'http'}://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def get(url: str, ctx: ssl.SSLContext | None = None, **kw: Any) -> tuple[int, Any, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url + "/node/metrics", ssl=ctx or False, **kw) as resp,
+    ):
+        body = await resp.json() if resp.status == 200 else await resp.text()
+        return resp.status, resp.headers, body
+
+
+TLS = 'tls_server_config:\n  cert_file: server.crt\n  key_file: "server.key"\n'
+
+
+async def test_tls_serves_with_relative_paths_and_enforces_min_version(
+    certs: Path, ca: trustme.CA
+) -> None:
+    config = load_web_config(write(certs, TLS + "  min_version: TLS13\n"))
+    assert config.tls is not None
+    assert config.tls.cert_file == certs / "server.crt"
+    async with serve(config) as url:
+        status, _, body = await get(url, client_ctx(ca))
+        assert status == 200
+        assert body["name"] == "node"
+        old = client_ctx(ca)
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await get(url, old)
+
+
+async def test_require_and_verify_client_cert(certs: Path, ca: trustme.CA) -> None:
+    text = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: client_ca.crt\n"
+    async with serve(load_web_config(write(certs, text))) as url:
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 200
+        for ctx in (client_ctx(ca), client_ctx(ca, certs / "stranger.pem")):
+            with pytest.raises(aiohttp.ClientError):
+                await get(url, ctx)
+
+
+async def test_verify_client_cert_if_given(certs: Path, ca: trustme.CA) -> None:
+    text = TLS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca: |\n"
+    text += "".join(f"    {line}\n" for line in (certs / "client_ca.crt").read_text().splitlines())
+    async with serve(load_web_config(write(certs, text))) as url:
+        assert (await get(url, client_ctx(ca)))[0] == 200
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 200
+        with pytest.raises(aiohttp.ClientError):
+            await get(url, client_ctx(ca, certs / "stranger.pem"))
+
+
+async def test_client_allowed_sans(certs: Path, ca: trustme.CA) -> None:
+    text = TLS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: client_ca.crt\n"
+    good = load_web_config(write(certs, text + "  client_allowed_sans: [scraper.example]\n"))
+    async with serve(good) as url:
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 200
+        assert (await get(url, client_ctx(ca)))[0] == 403  # no certificate, no SAN
+    bad = load_web_config(write(certs, text + "  client_allowed_sans: [other.example]\n"))
+    async with serve(bad) as url:
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 403
+
+
+async def test_rotated_certificate_is_served_without_restart(certs: Path, ca: trustme.CA) -> None:
+    async def served_cert(url: str) -> bytes:
+        host, port = url.removeprefix("https://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port), ssl=client_ctx(ca))
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        await writer.wait_closed()
+        return bytes(der)
+
+    async with serve(load_web_config(write(certs, TLS))) as url:
+        first = await served_cert(url)
+        assert first == ssl.PEM_cert_to_DER_cert((certs / "server.crt").read_text())
+        fresh = ca.issue_cert("127.0.0.1")
+        fresh.private_key_pem.write_to_path(str(certs / "server.key"))
+        fresh.cert_chain_pems[0].write_to_path(str(certs / "server.crt"))
+        st = (certs / "server.crt").stat()  # coarse mtime clocks must still see a change
+        os.utime(certs / "server.crt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        second = await served_cert(url)
+        assert second != first
+        assert second == ssl.PEM_cert_to_DER_cert(fresh.cert_chain_pems[0].bytes().decode())
+        (certs / "server.key").write_text("garbage")  # a broken rotation keeps the old pair
+        os.utime(certs / "server.key", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+        assert await served_cert(url) == second
+
+
+async def test_rotated_client_ca_replaces_the_old_one(certs: Path, ca: trustme.CA) -> None:
+    text = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: client_ca.crt\n"
+    async with serve(load_web_config(write(certs, text))) as url:
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 200
+        new_ca = trustme.CA()
+        new_ca.cert_pem.write_to_path(str(certs / "client_ca.crt"))
+        new_client = new_ca.issue_cert("scraper.example").private_key_and_cert_chain_pem
+        new_client.write_to_path(str(certs / "new.pem"))
+        st = (certs / "client_ca.crt").stat()
+        os.utime(certs / "client_ca.crt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert (await get(url, client_ctx(ca, certs / "new.pem")))[0] == 200
+        with pytest.raises(aiohttp.ClientError):
+            await get(url, client_ctx(ca, certs / "client.pem"))
+
+
+def users_yaml(tmp_path: Path) -> Path:
+    alice = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode()
+    bob = "$2y$" + bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()[4:]  # htpasswd -B
+    return write(
+        tmp_path,
+        f"basic_auth_users:\n  alice: '{alice}'\n  bob: '{bob}'\n"
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+        "    Content-Security-Policy: \"default-src 'self'\"\n",
+    )
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+async def test_basic_auth_strips_authorization_and_adds_headers(tmp_path: Path) -> None:
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        for user, password in (("alice", "wonderland"), ("bob", "builder"), ("bob", "builder")):
+            status, headers, body = await get(url, headers=basic(user, password))
+            assert status == 200
+            assert "Authorization" not in body["headers"]
+            assert "Authorization" not in body["raw"]
+            assert body["name"] == "node"  # the clone keeps the route's match_info
+            assert headers["X-Frame-Options"] == "deny"
+            assert headers["Content-Security-Policy"] == "default-src 'self'"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        basic("alice", "wrong"),
+        basic("mallory", "wonderland"),
+        basic("alice", "x" * 100),
+        {"Authorization": "Basic !!!"},
+        {"Authorization": "Bearer abc"},
+        {},
+    ],
+    ids=["wrong password", "unknown user", "overlong", "bad base64", "not basic", "missing"],
+)
+async def test_basic_auth_failures_are_401_with_challenge_and_headers(
+    tmp_path: Path, headers: dict[str, str]
+) -> None:
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        status, resp_headers, _ = await get(url, headers=headers)
+        assert status == 401
+        assert resp_headers["WWW-Authenticate"] == "Basic"
+        assert resp_headers["X-Frame-Options"] == "deny"
+
+
+async def test_bcrypt_runs_once_per_good_password_and_for_unknown_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    costs: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        costs.append(hashed[:7])
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        for _ in range(3):
+            assert (await get(url, headers=basic("alice", "wonderland")))[0] == 200
+        assert len(costs) == 1  # later scrapes hit the cache
+        for _ in range(2):
+            assert (await get(url, headers=basic("alice", "nope")))[0] == 401
+        assert len(costs) == 3  # failures are never cached
+        assert (await get(url, headers=basic("mallory", "x")))[0] == 401
+        assert costs[-1] == b"$2b$04$"  # unknown users pay the configured cost
+
+
+async def test_unknown_route_is_protected_too(tmp_path: Path) -> None:
+    async with (
+        serve(load_web_config(users_yaml(tmp_path))) as url,
+        aiohttp.ClientSession() as session,
+        session.get(url + "/-/healthy") as resp,
+    ):
+        assert resp.status == 401
+
+
+async def test_rate_limit(tmp_path: Path) -> None:
+    config = load_web_config(write(tmp_path, "rate_limit:\n  interval: 1m\n  burst: 2\n"))
+    assert config.rate_limit is not None
+    assert config.rate_limit.interval == 60.0
+    async with serve(config) as url:
+        assert [(await get(url))[0] for _ in range(3)] == [200, 200, 429]
+
+
+def test_http2_true_is_accepted_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    load_web_config(write(tmp_path, "http_server_config:\n  http2: true\n"))
+    assert "http2: ignored" in caplog.text
+    assert load_web_config(write(tmp_path, "http_server_config:\n  http2: false\n")).tls is None
+
+
+ERRORS: list[tuple[str, str]] = [
+    ("", "file is empty"),
+    ("tls_server_config: [\n", "invalid YAML"),
+    ("tls_server_config:\n  cert_filse: server.crt\n", "tls_server_config.cert_filse: unknown key"),
+    ("junk: 1\n", "junk: unknown key"),
+    ("basic_auth_users:\n  a: '$2y$10$x'\n", "basic_auth_users.a: not a bcrypt hash"),
+    ("basic_auth_users:\n  a: x\n  a: y\n", "duplicate key 'a'"),
+    ("http_server_config:\n  headers:\n    Server: x\n", "headers.Server: header can not"),
+    ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "X-Frame-Options: 'allow'"),
+    ("http_server_config:\n  http2: maybe\n", "http_server_config.http2: must be"),
+    ("rate_limit:\n  interval: 1s\n  burst: 0\n", "rate_limit.burst"),
+    ("rate_limit:\n  interval: soon\n", "rate_limit.interval"),
+    ("tls_server_config:\n  min_version: TLS13\n", "tls_server_config.cert_file: missing"),
+    (TLS.replace("server.crt", "nope.crt"), "tls_server_config.cert_file: [Errno 2]"),
+    (TLS.replace("server.key", "empty.key"), "tls_server_config.key_file: "),
+    (TLS.replace("server.key", "client_ca.crt"), "tls_server_config.key_file: bad key"),
+    (TLS.replace("server.crt", "server.key"), "tls_server_config.cert_file: no valid PEM"),
+    (TLS.replace("server.key", "other.key"), "tls_server_config.key_file: bad key"),
+    (TLS + "  client_auth_type: RequireAnyClientCert\n", "RequireAnyClientCert is not supported"),
+    (TLS + "  client_auth_type: RequestClientCert\n", "RequestClientCert is not supported"),
+    (TLS + "  client_auth_type: Sometimes\n", "client_auth_type: unknown value 'Sometimes'"),
+    (TLS + "  client_ca_file: client_ca.crt\n", "client_auth_type: client CA given"),
+    (TLS + "  client_auth_type: VerifyClientCertIfGiven\n", "client_ca_file: required by"),
+    (TLS + "  min_version: TLS14\n", "min_version: unknown TLS version 'TLS14'"),
+    (TLS + "  min_version: TLS10\n", "min_version: unknown TLS version 'TLS10' (no longer"),
+    (TLS + "  max_version: TLS12\n  min_version: TLS13\n", "min_version: above max_version"),
+    (TLS + "  cipher_suites: [TLS_INVENTED]\n", "cipher_suites: unknown cipher"),
+    (TLS + "  curve_preferences: [X25519, CurveP256]\n", "curve_preferences: give one of"),
+    (TLS + "  client_allowed_sans: [a]\n", "client_allowed_sans: needs a verifying"),
+    (TLS + "  cert: inline\n", "tls_server_config.cert: give cert or cert_file"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), ERRORS, ids=[m for _, m in ERRORS])
+def test_errors_name_file_and_key(certs: Path, text: str, message: str) -> None:
+    (certs / "empty.key").write_text("")
+    trustme.CA().issue_cert("x").private_key_pem.write_to_path(str(certs / "other.key"))
+    path = write(certs, text)
+    with pytest.raises(WebConfigError) as err:
+        load_web_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError, match=r"web\.yml: cannot read"):
+        load_web_config(tmp_path / "web.yml")
+
+
+def test_inline_cert_and_key_and_toolkit_options(certs: Path, ca: trustme.CA) -> None:
+    def block(name: str) -> str:
+        lines = (certs / name).read_text().splitlines()
+        return "|\n" + "".join(f"    {line}\n" for line in lines)
+
+    text = (
+        f"tls_server_config:\n  cert: {block('server.crt')}  key: {block('server.key')}"
+        "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_AES_128_GCM_SHA256]\n"
+        "  curve_preferences: [CurveP256]\n  prefer_server_cipher_suites: false\n"
+    )
+    config = load_web_config(write(certs, text))
+    assert config.tls is not None
+    assert config.tls.cert_file is None
+    assert config.tls.cipher_suites == ("ECDHE-ECDSA-AES128-GCM-SHA256",)
+    ctx = server_ssl_context(config.tls)
+    assert not ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert "TLS_AES_128_GCM_SHA256" in {c["name"] for c in ctx.get_ciphers()}
+    assert "ECDHE-RSA-AES128-GCM-SHA256" not in {c["name"] for c in ctx.get_ciphers()}
