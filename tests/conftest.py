@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -43,7 +42,8 @@ class Upstreams:
 
         app = web.Application()
         app.router.add_route("*", route, recorded)
-        runner = web.AppRunner(app, access_log=None)
+        # A test's upstream may still be sleeping in a handler at the end: don't wait for it.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await runner.setup()
         await web.UnixSite(runner, str(path)).start()
         self._runners.append(runner)
@@ -57,6 +57,7 @@ class Upstreams:
 
     async def raw(self, path: Path, handler: RawHandler) -> asyncio.Server:
         """A bare stream server, for upstreams that must misbehave in exact ways."""
+
         async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self._writers.append(writer)
             await handler(reader, writer)
@@ -103,12 +104,13 @@ async def aegis(sockdir: Path) -> AsyncIterator[AegisFactory]:
         await client.close()
 
 
-def raw_http_get(port: int, request: bytes, *, timeout: float = 5.0) -> bytes:
+async def raw_http(port: int, request: bytes, *, wait: float = 10.0) -> bytes:
     """Send bytes exactly as given and read until the server closes: for what aiohttp's client
     would refuse to send or would paper over."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
-        conn.sendall(request)
-        chunks = []
-        while data := conn.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(wait):
+            return await reader.read(-1)
+    finally:
+        writer.close()

@@ -15,6 +15,8 @@ import aiohttp
 import bcrypt
 import pytest
 import trustme
+from aiohttp import web
+
 from aegis.webconfig import (
     WebConfig,
     WebConfigError,
@@ -22,7 +24,6 @@ from aegis.webconfig import (
     server_ssl_context,
     setup_web_config,
 )
-from aiohttp import web
 
 
 @pytest.fixture

@@ -1,0 +1,409 @@
+"""The proxy answers like the service would, and fails visibly: never wrong data."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from aegis.proxy import Config, deadline, make_app
+from conftest import AegisFactory, Upstreams, raw_http
+
+PAGE = "# TYPE up gauge\nup 1\n"
+
+
+async def test_get_name_reaches_the_socket_at_metrics_with_query_kept(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    seen = await upstreams.metrics(sockdir / "node.sock", PAGE)
+    client = await aegis()
+    response = await client.get("/node?collect[]=cpu&collect[]=mem")
+    assert response.status == 200
+    assert await response.text() == PAGE
+    assert client.port is not None
+    # Byte for byte as the scraper wrote it, encoded or not.
+    await raw_http(
+        client.port, b"GET /node?collect[]=cpu HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert seen == ["/metrics?collect%5B%5D=cpu&collect%5B%5D=mem", "/metrics?collect[]=cpu"]
+
+
+async def test_missing_socket_is_404(aegis: AegisFactory) -> None:
+    client = await aegis()
+    response = await client.get("/absent")
+    assert response.status == 404
+    assert await response.text() == "no such target\n"
+
+
+async def test_sockdir_missing_at_start_is_served_once_it_appears(
+    aegis: AegisFactory, upstreams: Upstreams, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    later = tmp_path / "later"
+    client = await aegis(sockdir=later)
+    assert "does not exist" in caplog.text
+    assert (await client.get("/svc")).status == 404
+    later.mkdir()
+    await upstreams.metrics(later / "svc.sock", PAGE)
+    response = await client.get("/svc")
+    assert (response.status, await response.text()) == (200, PAGE)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+async def test_only_get_and_head(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, method: str
+) -> None:
+    seen = await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    client = await aegis()
+    response = await client.request(method, "/svc", data=b"x")
+    assert response.status == 405
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+    assert seen == []
+
+
+async def test_head_gives_the_head_without_a_body(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    seen = await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    client = await aegis()
+    for _ in range(2):  # the second one must not trip over leftovers of the first
+        response = await client.head("/svc")
+        assert response.status == 200
+        assert response.headers["Content-Length"] == str(len(PAGE))
+        assert await response.read() == b""
+    assert (await (await client.get("/svc")).text()) == PAGE
+    assert seen == ["/metrics", "/metrics", "/metrics"]
+
+
+async def test_end_to_end_headers_pass_and_hop_by_hop_do_not(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    received: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        received.append(dict(request.headers))
+        return web.Response(text=PAGE)
+
+    await upstreams.http(sockdir / "svc.sock", handler)
+    client = await aegis()
+    sent = {
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        "Accept-Encoding": "gzip",
+        "User-Agent": "Prometheus/2.42.0",
+        "X-Prometheus-Scrape-Timeout-Seconds": "10",
+        "X-Forwarded-For": "192.0.2.7",
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+        "Upgrade": "h2c",
+        "X-Keep-Me": "yes",
+    }
+    response = await client.get("/svc", headers=sent)
+    assert response.status == 200
+    (headers,) = received
+    for name in (
+        "Accept",
+        "Accept-Encoding",
+        "User-Agent",
+        "X-Prometheus-Scrape-Timeout-Seconds",
+        "X-Keep-Me",
+    ):
+        assert headers[name] == sent[name]
+    for name in ("X-Drop-Me", "Keep-Alive", "TE", "Proxy-Authorization", "Upgrade"):
+        assert name not in headers
+    assert headers["X-Forwarded-For"] == "192.0.2.7, 127.0.0.1"
+
+
+async def test_status_type_and_gzip_encoding_come_back_untouched(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    compressed = gzip.compress(PAGE.encode() * 100)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(
+            status=203,
+            body=compressed,
+            headers={
+                "Content-Type": "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                "Content-Encoding": "gzip",
+                "X-Custom": "kept",
+            },
+        )
+
+    await upstreams.http(sockdir / "svc.sock", handler)
+    client = await aegis()
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.get(client.make_url("/svc")) as response,
+    ):
+        assert response.status == 203
+        assert response.headers["Content-Type"] == (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        )
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert response.headers["X-Custom"] == "kept"
+        assert await response.read() == compressed  # byte for byte: never recompressed
+
+
+async def test_upstream_error_status_passes_through(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="collector broken\n")
+
+    await upstreams.http(sockdir / "svc.sock", handler)
+    client = await aegis()
+    response = await client.get("/svc")
+    assert (response.status, await response.text()) == (503, "collector broken\n")
+
+
+async def test_deadline_comes_from_the_scrape_timeout_header(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(text=PAGE)
+
+    await upstreams.http(sockdir / "svc.sock", slow)
+    client = await aegis(scrape_timeout=60)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await client.get("/svc", headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.2"})
+    assert response.status == 504
+    assert await response.text() == "upstream: upstream deadline exceeded\n"
+    # Answered after the offset-reduced deadline (0.7 s), well before the scraper's own 1.2 s
+    # would have run out plus slack, and nowhere near the 60 s default.
+    assert 0.6 < loop.time() - started < 10
+
+
+async def test_default_deadline_without_the_header(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(text=PAGE)
+
+    await upstreams.http(sockdir / "svc.sock", slow)
+    client = await aegis(scrape_timeout=0.3)
+    response = await client.get("/svc")
+    assert response.status == 504
+
+
+def test_deadline_arithmetic() -> None:
+    app = make_app(Config(timeout_offset=0.5, scrape_timeout=7))
+
+    def request_with(value: str | None) -> web.Request:
+        from aiohttp.test_utils import make_mocked_request
+
+        headers = {} if value is None else {"X-Prometheus-Scrape-Timeout-Seconds": value}
+        return make_mocked_request("GET", "/x", headers=headers, app=app)
+
+    config = Config(timeout_offset=0.5, scrape_timeout=7)
+    assert deadline(request_with("10"), config) == 9.5
+    assert deadline(request_with("0.6"), config) == 0.3  # never below half the scraper's budget
+    assert deadline(request_with(None), config) == 7
+    for bad in ("soon", "-1", "0", "inf", "nan"):
+        assert deadline(request_with(bad), config) == 7
+
+
+async def test_stale_socket_file_is_502(aegis: AegisFactory, sockdir: Path) -> None:
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(sockdir / "svc.sock"))
+    dead.close()  # the file stays, nobody listens: what a crashed service leaves behind
+    client = await aegis()
+    response = await client.get("/svc")
+    assert response.status == 502
+    assert "connection refused" in await response.text()
+    assert str(sockdir) not in await response.text()  # paths are for the log only
+
+
+async def test_bound_but_not_listening_socket_is_502(aegis: AegisFactory, sockdir: Path) -> None:
+    bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound.bind(str(sockdir / "svc.sock"))
+    client = await aegis()
+    response = await client.get("/svc")
+    assert response.status == 502
+    bound.close()
+
+
+async def test_upstream_closing_without_answer_is_502(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    await upstreams.raw(sockdir / "svc.sock", hang_up)
+    client = await aegis()
+    response = await client.get("/svc")
+    assert response.status == 502
+    assert "closed before an answer" in await response.text()
+
+
+async def test_garbage_instead_of_http_is_502(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+
+    await upstreams.raw(sockdir / "svc.sock", garbage)
+    client = await aegis()
+    response = await client.get("/svc")
+    assert response.status == 502
+    assert "invalid HTTP" in await response.text()
+
+
+def raw_answer(head: bytes, *body_parts: bytes, then_close: bool = True):  # type: ignore[no-untyped-def]
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        for part in body_parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        if then_close:
+            writer.transport.abort()
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        pytest.param(
+            raw_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x" * 70000),
+            id="short-body",
+        ),
+        pytest.param(
+            raw_answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"10000\r\n" + b"x" * 0x10000 + b"\r\n",
+                b"10\r\nshort",
+            ),
+            id="chunked-reset",
+        ),
+        pytest.param(
+            raw_answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"10000\r\n" + b"x" * 0x10000 + b"\r\n",
+                b"zz-not-a-chunk\r\n",
+                then_close=False,
+            ),
+            id="chunked-garbage",
+        ),
+    ],
+)
+async def test_failure_after_the_response_started_aborts_the_client(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, upstream: object
+) -> None:
+    """A truncated page must never look like a complete 200."""
+    await upstreams.raw(sockdir / "svc.sock", upstream)  # type: ignore[arg-type]
+    client = await aegis(scrape_timeout=5)
+    response = await client.get("/svc")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+
+async def test_truncated_page_is_not_complete_on_the_wire(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """Byte level: fewer bytes than announced, or no closing chunk, then the connection ends."""
+    await upstreams.raw(
+        sockdir / "svc.sock",
+        raw_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x" * 70000),
+    )
+    client = await aegis()
+    assert client.port is not None
+    answer = await raw_http(client.port, b"GET /svc HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Length: 100000" in head
+    assert len(body) < 100000
+
+
+async def test_deadline_during_the_body_aborts_the_client(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 200000)
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    await upstreams.raw(sockdir / "svc.sock", stalls)
+    client = await aegis(scrape_timeout=0.5)
+    response = await client.get("/svc")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+
+async def test_library_mounts_as_a_subapp(upstreams: Upstreams, sockdir: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    outer = web.Application()
+    outer.add_subapp("/aegis/", make_app(Config(sockdir=sockdir)))
+    async with TestClient(TestServer(outer, host="127.0.0.1")) as client:
+        response = await client.get("/aegis/svc")
+        assert (response.status, await response.text()) == (200, PAGE)
+        assert (await client.get("/aegis/nope")).status == 404
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop CAP_DAC_OVERRIDE")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.skipif(shutil.which("aegis") is None, reason="needs the installed aegis")
+async def test_permission_denied_is_502_and_the_log_names_file_and_group(
+    upstreams: Upstreams, sockdir: Path
+) -> None:
+    """A real Aegis meets a socket it may not connect to. Root ignores file modes, so Aegis runs
+    as root without CAP_DAC_OVERRIDE: then a mode-0000 socket refuses it like any user."""
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    os.chmod(sockdir / "svc.sock", 0)
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        "setpriv",
+        "--bounding-set=-dac_override,-dac_read_search",
+        str(shutil.which("aegis")),
+        "--workers",
+        "1",
+        "-hostport",
+        f"127.0.0.1:{port}",
+        "-sockdir",
+        str(sockdir),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/svc") as response:
+                        status, body = response.status, await response.text()
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("aegis did not start")
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        _, stderr = await asyncio.wait_for(process.communicate(), 15)
+    assert (status, body) == (502, "permission denied\n")
+    log = stderr.decode()
+    assert f"{sockdir / 'svc.sock'} is root:root mode 0000" in log
+    assert "aegis runs as root in groups root" in log
