@@ -1,0 +1,103 @@
+{
+  lib,
+  stdenv,
+  buildPythonPackage,
+
+  # build-system
+  setuptools,
+
+  # dependencies
+  aiohttp,
+  bcrypt,
+  httptools,
+  prometheus-client,
+  pyyaml,
+  uvloop,
+
+  # tests
+  prometheus,
+  pytest-aiohttp,
+  pytestCheckHook,
+}:
+
+let
+  pyproject = lib.importTOML ./pyproject.toml;
+
+  # The Python project is pkgs/aegis/, but its tests are in tests/ at the
+  # repository root, so the source is the repository cut down to those two
+  # directories. The Nix files are left out, so that editing them does not
+  # rebuild the package, and so is tests/test_nix.py, which checks those Nix
+  # files and needs tools the build sandbox does not have.
+  src = lib.fileset.toSource {
+    root = ../..;
+    fileset = lib.fileset.unions [
+      (lib.fileset.difference ./. ./default.nix)
+      (lib.fileset.difference ../../tests (
+        lib.fileset.unions [
+          ../../tests/test_nix.py
+          (lib.fileset.fileFilter (file: file.hasExt "nix") ../../tests)
+        ]
+      ))
+    ];
+  };
+in
+buildPythonPackage {
+  pname = "aegis";
+  inherit (pyproject.project) version;
+  pyproject = true;
+
+  inherit src;
+  sourceRoot = "${src.name}/pkgs/aegis";
+
+  build-system = [ setuptools ];
+
+  dependencies = [
+    aiohttp
+    bcrypt
+    httptools
+    prometheus-client
+    pyyaml
+    uvloop
+  ];
+
+  nativeCheckInputs = [
+    # prometheus and promtool, for the end-to-end tests that scrape through Aegis
+    prometheus
+    pytest-aiohttp
+    pytestCheckHook
+  ];
+
+  # Run from the repository root: that is where tests/ is, and there no
+  # aegis/ source directory shadows the installed package, so the tests
+  # exercise what was installed.
+  preCheck = ''
+    pushd ../..
+  ''
+  + lib.optionalString stdenv.hostPlatform.isDarwin ''
+    # The sandbox's TMPDIR is too long for a Unix socket path on Darwin.
+    export TMPDIR=/tmp
+  '';
+  postCheck = ''
+    popd
+  '';
+
+  # The same command a developer runs from the repository root; the pytest
+  # settings (asyncio_mode and the rest) are in pyproject.toml.
+  pytestFlags = [
+    "-c"
+    "pkgs/aegis/pyproject.toml"
+  ];
+  enabledTestPaths = [ "tests" ];
+
+  # The tests bind loopback ports.
+  __darwinAllowLocalNetworking = true;
+
+  pythonImportsCheck = [ "aegis" ];
+
+  meta = {
+    description = "Expose the Prometheus metrics of services that listen on Unix sockets through one TCP port";
+    license = lib.licenses.mit;
+    mainProgram = "aegis";
+    platforms = lib.platforms.linux ++ lib.platforms.darwin;
+  };
+}
