@@ -18,6 +18,7 @@
   prometheus,
   pytest-aiohttp,
   pytestCheckHook,
+  trustme,
 }:
 
 let
@@ -65,6 +66,7 @@ buildPythonPackage {
     prometheus
     pytest-aiohttp
     pytestCheckHook
+    trustme
   ];
 
   # Run from the repository root: that is where tests/ is, and there no
@@ -81,12 +83,8 @@ buildPythonPackage {
     popd
   '';
 
-  # The same command a developer runs from the repository root; the pytest
-  # settings (asyncio_mode and the rest) are in pyproject.toml.
-  pytestFlags = [
-    "-c"
-    "pkgs/aegis/pyproject.toml"
-  ];
+  # As a developer runs them: `pytest tests` from the repository root, which
+  # picks up tests/pytest.ini.
   enabledTestPaths = [ "tests" ];
 
   # The tests bind loopback ports.
