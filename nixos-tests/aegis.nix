@@ -156,7 +156,10 @@ in
     prometheus.wait_for_open_port(9090)
 
     with subtest("aegis logs where it listens and what it serves"):
-        server.succeed("journalctl -o cat -u aegis.service | grep -F '0.0.0.0:${toString port} -> ${sockdir}'")
+        # One line: "<every listen address> -> <sockdir>".
+        server.succeed(
+            "journalctl -o cat -u aegis.service | grep -F -- ' -> ${sockdir}' | grep -F '0.0.0.0:${toString port}'"
+        )
 
     with subtest("a socket in the socket directory is served under its name"):
         prometheus.succeed(f"curl -sSf {url}/local | grep -F 'aegis_fake_up{{source=\"local\"}} 1'")
