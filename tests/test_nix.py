@@ -38,6 +38,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
+EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
 FAKE_EXPORTER = REPO / "nixos-tests" / "fake_exporter.py"
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 
@@ -200,6 +201,7 @@ def test_the_nix_files_are_tracked() -> None:
         "modules/aegis.nix",
         "nixos-tests/aegis.nix",
         "pkgs/aegis/default.nix",
+        "tests/nix/eval-flake.nix",
         "tests/nix/eval-module.nix",
     }
     assert expected <= tracked
@@ -630,6 +632,64 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "mainProgram": "aegis",
         "license": "MIT",
     }
+
+
+# --- the flake's outputs, with a stub nixpkgs ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flake(nixpkgs_lib: Path) -> Any:
+    return json.loads(
+        nix(
+            "--eval",
+            "--strict",
+            "--json",
+            str(EVAL_FLAKE),
+            "--argstr",
+            "nixpkgsLib",
+            str(nixpkgs_lib),
+        )
+    )
+
+
+def test_flake_outputs_are_wired_for_each_system(flake: Any) -> None:
+    systems = ["aarch64-darwin", "aarch64-linux", "x86_64-linux"]
+    linux = ["aarch64-linux", "x86_64-linux"]
+    assert flake["inputs"] == "github:NixOS/nixpkgs/nixos-25.11"
+    assert flake["systems"] == dict.fromkeys(
+        ["apps", "checks", "devShells", "formatter", "packages"], systems
+    )
+    for system in systems:
+        assert flake["packages"][system] == {
+            "aegis": f"aegis-{system}",
+            "default": f"aegis-{system}",
+        }
+        assert flake["aegisIsApplication"][system] is True
+        assert flake["apps"][system] == {
+            "type": "app",
+            "program": f"/stub/aegis-{system}/bin/aegis",
+            "meta": {"description": "stub description"},
+        }
+        expected_checks = {"aegis": f"aegis-{system}"}
+        if system in linux:
+            expected_checks["vm"] = f"vm-{system}"
+        assert flake["checks"][system] == expected_checks
+        assert flake["formatter"][system] == "nixfmt-tree"
+    assert flake["aegisSource"] == str(REPO / "pkgs" / "aegis")
+    assert flake["vmImports"] == [str(REPO / "nixos-tests" / "aegis.nix")]
+    assert flake["nixosModules"] == ["aegis", "default"]
+
+
+def test_overlay_adds_the_library_and_the_application(flake: Any) -> None:
+    assert flake["overlay"] == {
+        "keepsOtherExtensions": True,
+        "pythonAegis": str(REPO / "pkgs" / "aegis"),
+        "aegisIsApplication": True,
+    }
+
+
+def test_flake_module_runs_the_flakes_package_without_the_overlay(flake: Any) -> None:
+    assert systemd_words(flake["moduleExecStart"])[0] == "/stub/aegis-x86_64-linux/bin/aegis"
 
 
 # --- the VM test's script ------------------------------------------------------

@@ -9,6 +9,10 @@
   settings ? "{}",
   # Prefix whose bin/aegis the stub package's lib.getExe points at.
   aegisPrefix ? "/aegis-stub",
+  # The module under test: the file, or the flake's wrapper around it.
+  aegisModule ? ../../modules/aegis.nix,
+  # Whether pkgs has aegis, as with the flake's overlay.
+  withOverlay ? true,
 }:
 
 let
@@ -119,10 +123,13 @@ let
   evaluated = lib.evalModules {
     modules = [
       nixosStubs
-      ../../modules/aegis.nix
+      aegisModule
       {
         _module.args = {
-          pkgs.aegis = stubPackage;
+          pkgs = {
+            stdenv.hostPlatform.system = "x86_64-linux";
+          }
+          // lib.optionalAttrs withOverlay { aegis = stubPackage; };
           utils.escapeSystemdExecArgs = args: lib.concatMapStringsSep " " escapeSystemdExecArg args;
         };
         within.services.aegis = {
