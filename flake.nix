@@ -8,19 +8,18 @@
     let
       inherit (nixpkgs) lib;
 
-      # The NixOS module and its VM test are Linux-only. The package is pure
-      # Python on asyncio, uvloop and Unix sockets, all of which Darwin has.
-      linuxSystems = [
+      # Linux only: besides the NixOS module, Aegis itself uses Linux-only
+      # calls (os.sched_getaffinity picks the default worker count), and its
+      # package declares no other platform.
+      systems = [
         "x86_64-linux"
         "aarch64-linux"
       ];
-      systems = linuxSystems ++ [ "aarch64-darwin" ];
+      forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
 
-      forSystems =
-        systems: f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
-      forAllSystems = forSystems systems;
-
-      aegisFor = pkgs: pkgs.python3Packages.toPythonApplication (pkgs.python3Packages.callPackage ./pkgs/aegis { });
+      aegisFor =
+        pkgs:
+        pkgs.python3Packages.toPythonApplication (pkgs.python3Packages.callPackage ./pkgs/aegis { });
     in
     {
       packages = forAllSystems (
@@ -54,8 +53,8 @@
             _class = "nixos";
             imports = [ ./modules/aegis.nix ];
             # This flake's package, so that the module works without the
-            # overlay; on a system the flake does not build for, the same
-            # package from the system's nixpkgs.
+            # overlay; on a system the flake has no package for, the same
+            # package built from the system's nixpkgs.
             within.services.aegis.package = lib.mkDefault (
               self.packages.${pkgs.stdenv.hostPlatform.system}.aegis or (aegisFor pkgs)
             );
@@ -64,12 +63,9 @@
       };
 
       checks = forAllSystems (
-        system: pkgs:
-        {
+        system: pkgs: {
           # Building the package runs its test suite.
           aegis = self.packages.${system}.aegis;
-        }
-        // lib.optionalAttrs (lib.elem system linuxSystems) {
           vm = pkgs.testers.runNixOSTest {
             imports = [ ./nixos-tests/aegis.nix ];
             node.specialArgs.aegisFlake = self;
@@ -82,9 +78,12 @@
           default = pkgs.mkShell {
             packages = [
               (pkgs.python3.withPackages (
-                ps: (ps.callPackage ./pkgs/aegis { }).dependencies ++ [
+                ps:
+                (ps.callPackage ./pkgs/aegis { }).dependencies
+                ++ [
                   ps.pytest
                   ps.pytest-aiohttp
+                  ps.trustme
                 ]
               ))
               # prometheus and promtool, for the end-to-end tests
