@@ -564,7 +564,7 @@ let
   files = lib.filter (path: kept path "regular") (lib.filesystem.listFilesRecursive src.origSrc);
 in {
   inherit (drv) pname version pyproject sourceRoot build-system dependencies
-    nativeCheckInputs enabledTestPaths pythonImportsCheck preCheck postCheck;
+    nativeCheckInputs enabledTestPaths pytestFlags pythonImportsCheck preCheck postCheck;
   inherit (drv.meta) mainProgram description platforms;
   license = drv.meta.license.spdxId;
   files = map (path: lib.removePrefix "${toString src.origSrc}/" (toString path)) files;
@@ -630,6 +630,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "dependencies": ["aiohttp", "bcrypt", "httptools", "prometheus-client", "pyyaml", "uvloop"],
         "nativeCheckInputs": ["prometheus", "pytest-aiohttp", "pytestCheckHook", "trustme"],
         "enabledTestPaths": ["tests"],
+        "pytestFlags": ["-p", "no:cacheprovider"],
         "pythonImportsCheck": ["aegis"],
         "mainProgram": "aegis",
         "license": "MIT",

@@ -79,8 +79,13 @@ buildPythonPackage {
   '';
 
   # As a developer runs them: `pytest tests` from the repository root, which
-  # picks up tests/pytest.ini.
+  # picks up tests/pytest.ini. unpackPhase made only sourceRoot writable, so
+  # pytest's cache, which would go in tests/, is turned off.
   enabledTestPaths = [ "tests" ];
+  pytestFlags = [
+    "-p"
+    "no:cacheprovider"
+  ];
 
   pythonImportsCheck = [ "aegis" ];
 
