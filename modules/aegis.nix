@@ -9,23 +9,17 @@
 let
   cfg = config.within.services.aegis;
 
-  # "host:port" or "[ipv6]:port", the forms Go's net.SplitHostPort takes,
-  # with a host and a decimal port. Anything else is null, and an assertion
-  # below says why.
-  hostport =
+  # The port of a hostport of the form "host:port" or "[ipv6]:port", with a
+  # host and a decimal port; null for anything else, which an assertion
+  # below refuses.
+  hostportPort =
     let
       parts = builtins.match ''([A-Za-z0-9._-]+|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9._-]+)?]):([1-9][0-9]{0,4})'' cfg.hostport;
       port = lib.toInt (lib.last parts);
     in
-    if parts != null && port <= 65535 then
-      {
-        host = lib.head parts;
-        inherit port;
-      }
-    else
-      null;
+    if parts != null && port <= 65535 then port else null;
 
-  bindsPrivilegedPort = hostport != null && hostport.port < 1024;
+  bindsPrivilegedPort = hostportPort != null && hostportPort < 1024;
 
   targetSockets = lib.mapAttrsToList (_: target: target.socket) cfg.targets;
 
@@ -156,7 +150,7 @@ in
   config = lib.mkIf cfg.enable {
     assertions = [
       {
-        assertion = hostport != null;
+        assertion = hostportPort != null;
         message = ''
           within.services.aegis.hostport is "${cfg.hostport}", which Aegis cannot listen on.
           It must be host:port or [ipv6]:port with a port from 1 to 65535,
@@ -180,8 +174,8 @@ in
       mode = "3770";
     };
 
-    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.openFirewall && hostport != null) [
-      hostport.port
+    networking.firewall.allowedTCPPorts = lib.mkIf (cfg.openFirewall && hostportPort != null) [
+      hostportPort
     ];
 
     systemd.services.aegis = {
