@@ -1,0 +1,220 @@
+# The flake runs this with pkgs.testers.runNixOSTest and passes itself to the
+# nodes as aegisFlake (checks.<system>.vm).
+{ lib, ... }:
+
+let
+  sockdir = "/srv/within/run";
+  # In sockdir: served under its file name, with no configuration.
+  localSocket = "${sockdir}/local.sock";
+  # Started only by the test script, to show a socket that appears later.
+  lateSocket = "${sockdir}/late.sock";
+  # Outside sockdir, on a path of its own: served as an explicit target.
+  elsewhereSocket = "/run/elsewhere/app.sock";
+  elsewherePath = "/internal/metrics";
+  # A unix: listen address, in the one directory Aegis may write to.
+  listenSocket = "/run/aegis/aegis.sock";
+
+  port = 31337;
+in
+{
+  name = "aegis";
+
+  nodes = {
+    server =
+      { aegisFlake, pkgs, ... }:
+      let
+        fakeExporter =
+          {
+            socket,
+            name,
+            path ? "/metrics",
+          }:
+          {
+            description = "Fake ${name} metrics on ${socket}";
+            serviceConfig = {
+              ExecStart = "${pkgs.python3.interpreter} ${./fake_exporter.py} ${socket} ${name} ${path}";
+              User = "fake-exporter";
+              Group = "within";
+              # Group within must be able to connect.
+              UMask = "0007";
+            };
+          };
+      in
+      {
+        imports = [ aegisFlake.nixosModules.default ];
+
+        within.services.aegis = {
+          enable = true;
+          hostport = "0.0.0.0:${toString port}";
+          openFirewall = true;
+          targets.elsewhere = {
+            socket = elsewhereSocket;
+            path = elsewherePath;
+          };
+          extraFlags = [
+            "--web.listen-address"
+            "unix:${listenSocket}"
+          ];
+        };
+
+        users.users.fake-exporter = {
+          isSystemUser = true;
+          group = "within";
+        };
+
+        systemd.services = {
+          fake-local = fakeExporter {
+            socket = localSocket;
+            name = "local";
+          }
+          // {
+            wantedBy = [ "multi-user.target" ];
+          };
+          # Not started at boot: the test script starts and stops it.
+          fake-late = fakeExporter {
+            socket = lateSocket;
+            name = "late";
+          };
+          fake-elsewhere = lib.mkMerge [
+            (fakeExporter {
+              socket = elsewhereSocket;
+              name = "elsewhere";
+              path = elsewherePath;
+            })
+            {
+              wantedBy = [ "multi-user.target" ];
+              # Group within may enter, as it must to reach the socket.
+              serviceConfig.RuntimeDirectory = "elsewhere";
+              serviceConfig.RuntimeDirectoryMode = "0750";
+            }
+          ];
+        };
+      };
+
+    prometheus =
+      { pkgs, ... }:
+      {
+        environment.systemPackages = [ pkgs.jq ];
+
+        services.prometheus = {
+          enable = true;
+          globalConfig.scrape_interval = "2s";
+          scrapeConfigs = [
+            {
+              job_name = "aegis-static";
+              static_configs = [
+                {
+                  targets = [ "server:${toString port}" ];
+                  labels.__metrics_path__ = "/local";
+                }
+                {
+                  targets = [ "server:${toString port}" ];
+                  labels.__metrics_path__ = "/elsewhere";
+                }
+              ];
+            }
+            {
+              job_name = "aegis-sd";
+              http_sd_configs = [
+                {
+                  url = "http://server:${toString port}/-/sd";
+                  refresh_interval = "2s";
+                }
+              ];
+            }
+          ];
+        };
+      };
+  };
+
+  testScript = ''
+    import json
+
+    url = "http://server:${toString port}"
+
+    def status(path):
+        return prometheus.succeed(f"curl -s -o /dev/null -w '%{{http_code}}' {url}{path}").strip()
+
+    def prometheus_value(query):
+        """The value of a one-sample PromQL query, or None."""
+        out = prometheus.succeed(
+            "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
+            + f"--data-urlencode 'query={query}'"
+        )
+        result = json.loads(out)["data"]["result"]
+        return result[0]["value"][1] if result else None
+
+    start_all()
+
+    server.wait_for_unit("fake-local.service")
+    server.wait_for_unit("fake-elsewhere.service")
+    server.wait_for_open_unix_socket("${localSocket}")
+    server.wait_for_open_unix_socket("${elsewhereSocket}")
+    server.wait_for_unit("aegis.service")
+    server.wait_for_open_port(${toString port})
+    prometheus.wait_for_unit("prometheus.service")
+    prometheus.wait_for_open_port(9090)
+
+    with subtest("aegis logs where it listens and what it serves"):
+        # One line: "<every listen address> -> <sockdir>".
+        server.succeed(
+            "journalctl -o cat -u aegis.service | grep -F -- ' -> ${sockdir}' | grep -F '0.0.0.0:${toString port}'"
+        )
+
+    with subtest("a socket in the socket directory is served under its name"):
+        prometheus.succeed(f"curl -sSf {url}/local | grep -F 'aegis_fake_up{{source=\"local\"}} 1'")
+
+    with subtest("an explicit target outside the socket directory is served under its name"):
+        prometheus.succeed(f"curl -sSf {url}/elsewhere | grep -F 'aegis_fake_up{{source=\"elsewhere\"}} 1'")
+
+    with subtest("an unknown name is a 404"):
+        assert status("/nope") == "404", "an unknown name must be a 404"
+
+    with subtest("a socket that appears later is served, and is a 404 again once it is gone"):
+        assert status("/late") == "404"
+        server.systemctl("start fake-late.service")
+        server.wait_for_open_unix_socket("${lateSocket}")
+        prometheus.wait_until_succeeds(f"curl -sSf {url}/late | grep -F 'source=\"late\"'")
+        server.systemctl("stop fake-late.service")
+        server.wait_until_fails("test -e ${lateSocket}")
+        prometheus.wait_until_succeeds(f"test \"$(curl -s -o /dev/null -w '%{{http_code}}' {url}/late)\" = 404")
+        server.systemctl("start fake-late.service")
+        server.wait_for_open_unix_socket("${lateSocket}")
+
+    with subtest("aegis answers its own health, readiness and metrics endpoints"):
+        prometheus.succeed(f"curl -sSf {url}/-/healthy")
+        prometheus.succeed(f"curl -sSf {url}/-/ready")
+        prometheus.succeed(f"curl -sSf {url}/-/metrics | grep '^aegis_'")
+
+    with subtest("aegis also listens on its unix: listen address"):
+        server.succeed("curl -sSf --unix-socket ${listenSocket} http://localhost/-/healthy")
+        server.succeed("curl -sSf --unix-socket ${listenSocket} http://localhost/local | grep -F 'source=\"local\"'")
+
+    with subtest("service discovery lists every socket with its metrics path"):
+        paths = prometheus.succeed(
+            f"curl -sSf {url}/-/sd | jq -r '.[].labels.__metrics_path__' | sort"
+        ).split()
+        assert paths == ["/elsewhere", "/late", "/local"], f"unexpected /-/sd paths: {paths}"
+
+    with subtest("prometheus sees every socket up, configured statically and through /-/sd"):
+        prometheus.wait_until_succeeds(
+            "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
+            + "--data-urlencode 'query=count(up{job=\"aegis-static\"} == 1)' "
+            + "| jq -e '.data.result[0].value[1] == \"2\"'"
+        )
+        prometheus.wait_until_succeeds(
+            "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
+            + "--data-urlencode 'query=count(up{job=\"aegis-sd\"} == 1)' "
+            + "| jq -e '.data.result[0].value[1] == \"3\"'"
+        )
+        for source in ["local", "elsewhere", "late"]:
+            value = prometheus_value(f'max(aegis_fake_up{{source="{source}"}})')
+            assert value == "1", f"prometheus has no samples from {source}: {value}"
+
+    with subtest("users outside group within cannot reach the sockets"):
+        server.fail("runuser -u nobody -- ls ${sockdir}")
+        server.fail("runuser -u nobody -- curl -sSf --unix-socket ${localSocket} http://localhost/metrics")
+
+    server.log(server.succeed("systemd-analyze security aegis.service | grep -v '✓'"))
+  '';
+}

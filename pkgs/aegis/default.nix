@@ -1,0 +1,99 @@
+{
+  lib,
+  buildPythonPackage,
+
+  # build-system
+  setuptools,
+
+  # dependencies
+  aiohttp,
+  bcrypt,
+  httptools,
+  prometheus-client,
+  pyyaml,
+  uvloop,
+
+  # tests
+  prometheus,
+  pytest-aiohttp,
+  pytestCheckHook,
+  trustme,
+}:
+
+let
+  pyproject = lib.importTOML ./pyproject.toml;
+
+  # The Python project is pkgs/aegis/, but its tests are in tests/ at the
+  # repository root, so the source is the repository cut down to those two
+  # directories. The Nix files are left out, so that editing them does not
+  # rebuild the package, and so is tests/test_nix.py, which checks those Nix
+  # files and needs tools the build sandbox does not have.
+  src = lib.fileset.toSource {
+    root = ../..;
+    fileset = lib.fileset.unions [
+      (lib.fileset.difference ./. ./default.nix)
+      (lib.fileset.difference ../../tests (
+        lib.fileset.unions [
+          ../../tests/test_nix.py
+          (lib.fileset.fileFilter (file: file.hasExt "nix") ../../tests)
+        ]
+      ))
+    ];
+  };
+in
+buildPythonPackage {
+  pname = "aegis";
+  inherit (pyproject.project) version;
+  pyproject = true;
+
+  inherit src;
+  sourceRoot = "${src.name}/pkgs/aegis";
+
+  build-system = [ setuptools ];
+
+  dependencies = [
+    aiohttp
+    bcrypt
+    httptools
+    prometheus-client
+    pyyaml
+    uvloop
+  ];
+
+  nativeCheckInputs = [
+    # prometheus and promtool, for the end-to-end tests that scrape through Aegis
+    prometheus
+    pytest-aiohttp
+    pytestCheckHook
+    trustme
+  ];
+
+  # Run from the repository root: that is where tests/ is, and there no
+  # aegis/ source directory shadows the installed package, so the tests
+  # exercise what was installed.
+  preCheck = ''
+    pushd ../..
+  '';
+  postCheck = ''
+    popd
+  '';
+
+  # As a developer runs them: `pytest tests` from the repository root, which
+  # picks up tests/pytest.ini. unpackPhase made only sourceRoot writable, so
+  # pytest's cache, which would go in tests/, is turned off.
+  enabledTestPaths = [ "tests" ];
+  pytestFlags = [
+    "-p"
+    "no:cacheprovider"
+  ];
+
+  pythonImportsCheck = [ "aegis" ];
+
+  meta = {
+    description = "Expose the Prometheus metrics of services that listen on Unix sockets through one TCP port";
+    license = lib.licenses.mit;
+    mainProgram = "aegis";
+    # os.sched_getaffinity, SO_REUSEPORT load balancing, systemd sockets
+    platforms = lib.platforms.linux;
+  };
+}

@@ -1,0 +1,727 @@
+"""Checks of the Nix side that need neither nixpkgs nor a binary cache.
+
+Nothing here builds with Nix. What runs:
+
+- every tracked .nix file parses (nix-instantiate --parse);
+- modules/aegis.nix, evaluated by nixpkgs' real lib.evalModules against stub
+  NixOS options (tests/nix/eval-module.nix), gives the expected service,
+  user, tmpfiles rule, firewall port and assertions;
+- the ExecStart it evaluates to, split as systemd splits it, starts the
+  installed aegis, which then serves a real Unix-socket exporter;
+- pkgs/aegis/default.nix, called with stub arguments, has a source that holds
+  the Python project and the tests and nothing else;
+- the VM test's script is valid Python.
+
+Needs nix-instantiate (Debian: nix-bin) and, for everything but parsing, a
+nixpkgs lib: AEGIS_NIXPKGS_LIB names the directory holding lib/default.nix
+(a checkout of nixpkgs or nixpkgs.lib, or its lib/ directory). Each check
+skips, saying why, when what it needs is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
+EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
+FAKE_EXPORTER = REPO / "nixos-tests" / "fake_exporter.py"
+NIX_INSTANTIATE = shutil.which("nix-instantiate")
+
+needs_nix = pytest.mark.skipif(
+    NIX_INSTANTIATE is None,
+    reason="nix-instantiate is not installed (Debian package nix-bin)",
+)
+
+
+def tracked_nix_files() -> list[str]:
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--", "*.nix"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return sorted(
+            str(p.relative_to(REPO)) for p in REPO.rglob("*.nix") if ".git" not in p.parts
+        )
+    return sorted(name for name in out.decode().split("\0") if name)
+
+
+def nix(*args: str) -> str:
+    assert NIX_INSTANTIATE is not None
+    result = subprocess.run(
+        [NIX_INSTANTIATE, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise NixError(result.stderr)
+    return result.stdout
+
+
+class NixError(Exception):
+    pass
+
+
+@pytest.fixture(scope="session")
+def nixpkgs_lib() -> Path:
+    if NIX_INSTANTIATE is None:
+        pytest.skip("nix-instantiate is not installed (Debian package nix-bin)")
+    value = os.environ.get("AEGIS_NIXPKGS_LIB")
+    if not value:
+        pytest.skip("AEGIS_NIXPKGS_LIB is not set to a nixpkgs lib directory")
+    for candidate in (Path(value), Path(value) / "lib"):
+        if (candidate / "default.nix").is_file() and (candidate / "modules.nix").is_file():
+            return candidate.resolve()
+    pytest.skip(f"AEGIS_NIXPKGS_LIB={value} holds no nixpkgs lib/default.nix")
+
+
+def eval_module(lib: Path, settings: dict[str, Any], prefix: str = "/aegis-stub") -> Any:
+    out = nix(
+        "--eval",
+        "--strict",
+        "--json",
+        str(EVAL_MODULE),
+        "--argstr",
+        "nixpkgsLib",
+        str(lib),
+        "--argstr",
+        "settings",
+        json.dumps(settings),
+        "--argstr",
+        "aegisPrefix",
+        prefix,
+    )
+    return json.loads(out)
+
+
+def systemd_words(line: str) -> list[str]:
+    """Split an Exec*= value into argv as systemd does.
+
+    systemd first replaces specifiers in the whole value ("%%" is "%"),
+    splits it into words (double quotes group, C escapes are decoded) and, at
+    start, substitutes variables in each word ("$$" is "$"). Any other % or $
+    would be expanded into something else; for the module's output that is a
+    quoting bug, so it raises.
+    """
+    if line[:1] in tuple("@-:+!|"):
+        raise ValueError(f"unexpected ExecStart prefix in {line!r}")
+    line = _undouble(line, "%")
+    words: list[str] = []
+    i = 0
+    while i < len(line):
+        if line[i].isspace():
+            i += 1
+            continue
+        word: list[str] = []
+        quoted = False
+        while i < len(line) and (quoted or not line[i].isspace()):
+            char = line[i]
+            if char == '"':
+                quoted = not quoted
+                i += 1
+            elif char == "\\":
+                decoded, i = _c_unescape(line, i)
+                word.append(decoded)
+            else:
+                word.append(char)
+                i += 1
+        if quoted:
+            raise ValueError(f"unterminated quote in {line!r}")
+        words.append(_undouble("".join(word), "$"))
+    return words
+
+
+def _undouble(text: str, char: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == char:
+            if text[i + 1 : i + 2] != char:
+                raise ValueError(f"systemd would expand {text[i : i + 2]!r} in {text!r}")
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+_SIMPLE_ESCAPES = {
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    "s": " ",
+    "\\": "\\",
+    '"': '"',
+    "'": "'",
+}
+
+
+def _c_unescape(line: str, i: int) -> tuple[str, int]:
+    kind = line[i + 1 : i + 2]
+    if kind in _SIMPLE_ESCAPES:
+        return _SIMPLE_ESCAPES[kind], i + 2
+    for prefix, digits in (("x", 2), ("u", 4), ("U", 8)):
+        if kind == prefix:
+            return chr(int(line[i + 2 : i + 2 + digits], 16)), i + 2 + digits
+    if kind.isdigit():
+        return chr(int(line[i + 1 : i + 4], 8)), i + 4
+    raise ValueError(f"unknown escape {line[i : i + 2]!r} in {line!r}")
+
+
+# --- parsing ----------------------------------------------------------------
+
+
+def test_the_nix_files_are_tracked() -> None:
+    tracked = set(tracked_nix_files())
+    expected = {
+        "flake.nix",
+        "modules/aegis.nix",
+        "nixos-tests/aegis.nix",
+        "pkgs/aegis/default.nix",
+        "tests/nix/eval-flake.nix",
+        "tests/nix/eval-module.nix",
+    }
+    assert expected <= tracked
+
+
+@needs_nix
+@pytest.mark.parametrize("path", tracked_nix_files())
+def test_nix_file_parses(path: str) -> None:
+    nix("--parse", path)
+
+
+def test_flake_lock_pins_nixos_25_11() -> None:
+    lock = json.loads((REPO / "flake.lock").read_text())
+    assert lock["version"] == 7
+    node = lock["nodes"][lock["nodes"][lock["root"]]["inputs"]["nixpkgs"]]
+    assert node["original"] == {
+        "owner": "NixOS",
+        "repo": "nixpkgs",
+        "ref": "nixos-25.11",
+        "type": "github",
+    }
+    assert node["locked"]["rev"] == "8fd9daa3db09ced9700431c5b7ad0e8ba199b575"
+
+
+# --- the module, evaluated with nixpkgs' lib --------------------------------
+
+
+def test_service_runs_as_aegis_in_group_within(nixpkgs_lib: Path) -> None:
+    service = eval_module(nixpkgs_lib, {})["service"]
+    config = service["serviceConfig"]
+    assert service["wantedBy"] == ["multi-user.target"]
+    assert service["after"] == ["network.target"]
+    assert config["User"] == "aegis"
+    assert config["Group"] == "within"
+    assert config["Restart"] == "on-failure"
+    assert config["RestartSec"] == "30s"
+    assert config["WorkingDirectory"] == "/srv/within/aegis"
+
+
+def test_user_and_group_are_declared(nixpkgs_lib: Path) -> None:
+    result = eval_module(nixpkgs_lib, {})
+    assert result["users"]["aegis"] == {
+        "description": "Aegis metrics bridge",
+        "isSystemUser": True,
+        "group": "within",
+        "home": "/srv/within/aegis",
+        "createHome": True,
+    }
+    assert result["groups"] == ["within"]
+
+
+def test_service_is_hardened_like_the_prometheus_exporters(nixpkgs_lib: Path) -> None:
+    config = eval_module(nixpkgs_lib, {})["service"]["serviceConfig"]
+    expected = {
+        "CapabilityBoundingSet": [""],
+        "DeviceAllow": [""],
+        "LockPersonality": True,
+        "MemoryDenyWriteExecute": True,
+        "NoNewPrivileges": True,
+        "PrivateDevices": True,
+        "PrivateTmp": True,
+        "ProtectClock": True,
+        "ProtectControlGroups": True,
+        "ProtectHome": True,
+        "ProtectHostname": True,
+        "ProtectKernelLogs": True,
+        "ProtectKernelModules": True,
+        "ProtectKernelTunables": True,
+        "ProtectSystem": "strict",
+        "RemoveIPC": True,
+        "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"],
+        "RestrictNamespaces": True,
+        "RestrictRealtime": True,
+        "RestrictSUIDSGID": True,
+        "SystemCallArchitectures": "native",
+        "UMask": "0077",
+    }
+    assert {key: config.get(key) for key in expected} == expected
+    assert "AmbientCapabilities" not in config
+    assert "DynamicUser" not in config
+
+
+def test_targets_under_tmp_or_home_stay_visible(nixpkgs_lib: Path) -> None:
+    settings = {
+        "targets": {
+            "tmp": {"socket": "/tmp/app/metrics.sock"},
+            "home": {"socket": "/home/alice/app.sock"},
+        }
+    }
+    config = eval_module(nixpkgs_lib, settings)["service"]["serviceConfig"]
+    assert config["PrivateTmp"] is False
+    assert config["ProtectHome"] == "read-only"
+
+
+def test_a_privileged_port_gets_only_net_bind_service(nixpkgs_lib: Path) -> None:
+    config = eval_module(nixpkgs_lib, {"hostport": "[::]:80"})["service"]["serviceConfig"]
+    assert config["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert config["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+
+
+@pytest.mark.parametrize("sockdir", ["/srv/within/run", "/run/metrics"])
+def test_sockdir_is_made_for_group_within(nixpkgs_lib: Path, sockdir: str) -> None:
+    settings = {} if sockdir == "/srv/within/run" else {"sockdir": sockdir}
+    tmpfiles = eval_module(nixpkgs_lib, settings)["tmpfiles"]
+    assert tmpfiles == {
+        "10-aegis": {sockdir: {"d": {"user": "root", "group": "within", "mode": "3770"}}}
+    }
+
+
+def test_exec_start_has_the_original_flags(nixpkgs_lib: Path) -> None:
+    exec_start = eval_module(nixpkgs_lib, {})["service"]["serviceConfig"]["ExecStart"]
+    assert systemd_words(exec_start) == [
+        "/aegis-stub/bin/aegis",
+        "-hostport",
+        "[::1]:31337",
+        "-sockdir",
+        "/srv/within/run",
+    ]
+
+
+def test_exec_start_carries_targets_web_config_and_extra_flags(nixpkgs_lib: Path) -> None:
+    awkward = 'a "quoted" 100% $HOME \\ back\tslash'
+    settings = {
+        "hostport": "127.0.0.1:9100",
+        "sockdir": "/run/sockets",
+        "targets": {
+            "db": {"socket": "/run/db/metrics.sock"},
+            "app": {"socket": "/run/app/app.sock", "path": "/debug/metrics"},
+        },
+        "webConfigFile": "/run/secrets/web.yml",
+        "extraFlags": ["--log.level", "debug", "--web.external-url", awkward],
+    }
+    exec_start = eval_module(nixpkgs_lib, settings)["service"]["serviceConfig"]["ExecStart"]
+    assert systemd_words(exec_start) == [
+        "/aegis-stub/bin/aegis",
+        "-hostport",
+        "127.0.0.1:9100",
+        "-sockdir",
+        "/run/sockets",
+        "--web.config.file",
+        "/run/secrets/web.yml",
+        "--target",
+        "app=/run/app/app.sock,path=/debug/metrics",
+        "--target",
+        "db=/run/db/metrics.sock",
+        "--log.level",
+        "debug",
+        "--web.external-url",
+        awkward,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "ports"),
+    [
+        ({}, []),
+        ({"openFirewall": True}, [31337]),
+        ({"openFirewall": True, "hostport": "[::]:8080"}, [8080]),
+        ({"openFirewall": True, "hostport": "0.0.0.0:65535"}, [65535]),
+    ],
+)
+def test_open_firewall_opens_the_hostport_port(
+    nixpkgs_lib: Path, settings: dict[str, Any], ports: list[int]
+) -> None:
+    assert eval_module(nixpkgs_lib, settings)["allowedTCPPorts"] == ports
+
+
+@pytest.mark.parametrize(
+    "hostport",
+    ["[::1]:31337", "[::]:1", "127.0.0.1:31337", "localhost:65535", "[fe80::1%eth0]:9100"],
+)
+def test_good_hostport_passes_the_assertions(nixpkgs_lib: Path, hostport: str) -> None:
+    assert eval_module(nixpkgs_lib, {"hostport": hostport})["failedAssertions"] == []
+
+
+@pytest.mark.parametrize(
+    "hostport",
+    [
+        "::1:31337",
+        ":31337",
+        "localhost",
+        "localhost:",
+        "localhost:0",
+        "localhost:65536",
+        "localhost:031337",
+        "localhost:http",
+        "[::1]",
+        "[::1]31337",
+        "[1.2.3.4]:80",
+        "my host:80",
+        "unix:/run/aegis.sock",
+    ],
+)
+def test_bad_hostport_fails_an_assertion_that_says_why(nixpkgs_lib: Path, hostport: str) -> None:
+    result = eval_module(nixpkgs_lib, {"hostport": hostport, "openFirewall": True})
+    [message] = result["failedAssertions"]
+    assert f'within.services.aegis.hostport is "{hostport}"' in message
+    assert "host:port or [ipv6]:port with a port from 1 to 65535" in message
+    assert result["allowedTCPPorts"] == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "option"),
+    [
+        ({"sockdir": "run"}, "within.services.aegis.sockdir"),
+        ({"targets": {"db": {"socket": "db.sock"}}}, "within.services.aegis.targets.db.socket"),
+        (
+            {"targets": {"db": {"socket": "/run/db.sock", "path": "metrics"}}},
+            "within.services.aegis.targets.db.path",
+        ),
+    ],
+)
+def test_relative_paths_are_refused(
+    nixpkgs_lib: Path, settings: dict[str, Any], option: str
+) -> None:
+    with pytest.raises(NixError, match=re.escape(option)):
+        eval_module(nixpkgs_lib, settings)
+
+
+def test_disabled_module_sets_nothing(nixpkgs_lib: Path) -> None:
+    with pytest.raises(NixError, match=r"systemd\.services\.aegis"):
+        eval_module(nixpkgs_lib, {"enable": False})
+
+
+# --- the evaluated ExecStart, run ---------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def wait_for_socket(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.is_socket():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def fake_exporters(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    sockets = {
+        "local": tmp_path / "run" / "local.sock",
+        "elsewhere": tmp_path / "elsewhere" / "app.sock",
+    }
+    paths = {"local": "/metrics", "elsewhere": "/internal/metrics"}
+    processes = []
+    for name, sock in sockets.items():
+        sock.parent.mkdir()
+        assert len(str(sock)) < 100, "Unix socket path too long for this tmp_path"
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(FAKE_EXPORTER), str(sock), name, paths[name]],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        for sock in sockets.values():
+            wait_for_socket(sock)
+        yield sockets
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_evaluated_exec_start_serves_the_sockets(
+    nixpkgs_lib: Path, tmp_path: Path, fake_exporters: dict[str, Path]
+) -> None:
+    installed = shutil.which("aegis")
+    if installed is None:
+        pytest.skip("aegis is not installed on PATH")
+    # The stub package's bin/aegis is the installed program, so the module's
+    # lib.getExe resolves to it exactly as it would to the Nix-built one.
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "aegis").symlink_to(installed)
+    port = free_port()
+    settings = {
+        "hostport": f"127.0.0.1:{port}",
+        "sockdir": str(fake_exporters["local"].parent),
+        "targets": {
+            "elsewhere": {"socket": str(fake_exporters["elsewhere"]), "path": "/internal/metrics"}
+        },
+    }
+    exec_start = eval_module(nixpkgs_lib, settings, str(prefix))["service"]["serviceConfig"][
+        "ExecStart"
+    ]
+    argv = systemd_words(exec_start)
+    assert argv[0] == str(prefix / "bin" / "aegis")
+
+    workdir = tmp_path / "home"
+    workdir.mkdir()
+    log = tmp_path / "aegis.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(argv, cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, f"aegis exited: {log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"aegis did not listen: {log.read_text()}"
+            time.sleep(0.1)
+
+        assert get(f"{base}/local") == (200, b'aegis_fake_up{source="local"} 1\n')
+        assert get(f"{base}/elsewhere") == (200, b'aegis_fake_up{source="elsewhere"} 1\n')
+        assert get(f"{base}/nope")[0] == 404
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert f"127.0.0.1:{port} -> {settings['sockdir']}" in log.read_text()
+
+
+# --- the package, with stub arguments ----------------------------------------
+
+PACKAGE_PROBE = """
+{ nixpkgsLib, root }:
+let
+  # lib.fileset reads file types with builtins.readFileType, which Nix 2.14
+  # added; on an older Nix (Debian bookworm has 2.8) the same answer comes
+  # from readDir of the parent, so lib is imported with that in scope.
+  builtinsWithReadFileType = builtins // {
+    readFileType =
+      builtins.readFileType or (path: (builtins.readDir (dirOf path)).${baseNameOf path});
+  };
+  importWithReadFileType =
+    path:
+    scopedImport {
+      builtins = builtinsWithReadFileType;
+      import = importWithReadFileType;
+    } path;
+  lib = importWithReadFileType nixpkgsLib;
+
+  package = import (root + "/pkgs/aegis/default.nix");
+  stubs = lib.mapAttrs (name: _: name) (builtins.functionArgs package);
+  drv = package (stubs // {
+    inherit lib;
+    buildPythonPackage = attrs: attrs;
+  });
+  inherit (drv) src;
+  # What src holds, found with its filter rather than by copying it.
+  kept = path: type:
+    src.filter (toString path) type
+    && (dirOf path == src.origSrc || kept (dirOf path) "directory");
+  files = lib.filter (path: kept path "regular") (lib.filesystem.listFilesRecursive src.origSrc);
+in {
+  inherit (drv) pname version pyproject sourceRoot build-system dependencies
+    nativeCheckInputs enabledTestPaths pytestFlags pythonImportsCheck preCheck postCheck;
+  inherit (drv.meta) mainProgram description platforms;
+  license = drv.meta.license.spdxId;
+  files = map (path: lib.removePrefix "${toString src.origSrc}/" (toString path)) files;
+}
+"""
+
+
+def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    for name, text in {
+        "pkgs/aegis/default.nix": (REPO / "pkgs/aegis/default.nix").read_text(),
+        "pkgs/aegis/pyproject.toml": '[project]\nname = "aegis"\nversion = "1.2.3"\n',
+        "pkgs/aegis/aegis/__init__.py": "",
+        "tests/pytest.ini": "[pytest]\n",
+        "tests/conftest.py": "",
+        "tests/test_proxy.py": "",
+        "tests/test_nix.py": "",
+        "tests/nix/eval-module.nix": "{ }",
+        "modules/aegis.nix": "{ }",
+        "flake.nix": "{ }",
+        "README.md": "",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    probe = tmp_path / "probe.nix"
+    probe.write_text(PACKAGE_PROBE)
+
+    drv = json.loads(
+        nix(
+            "--eval",
+            "--strict",
+            "--json",
+            str(probe),
+            "--arg",
+            "nixpkgsLib",
+            str(nixpkgs_lib),
+            "--arg",
+            "root",
+            str(root),
+        )
+    )
+
+    assert sorted(drv.pop("files")) == [
+        "pkgs/aegis/aegis/__init__.py",
+        "pkgs/aegis/pyproject.toml",
+        "tests/conftest.py",
+        "tests/pytest.ini",
+        "tests/test_proxy.py",
+    ]
+    # From sourceRoot, ../.. is the top of the source, where tests/ is.
+    assert drv.pop("sourceRoot") == "source/pkgs/aegis"
+    assert drv.pop("preCheck").strip() == "pushd ../.."
+    assert drv.pop("postCheck").strip() == "popd"
+    assert drv.pop("description")
+    platforms = drv.pop("platforms")
+    assert {"x86_64-linux", "aarch64-linux"} <= set(platforms)
+    assert not [system for system in platforms if "darwin" in system]
+    assert drv == {
+        "pname": "aegis",
+        "version": "1.2.3",
+        "pyproject": True,
+        "build-system": ["setuptools"],
+        "dependencies": ["aiohttp", "bcrypt", "httptools", "prometheus-client", "pyyaml", "uvloop"],
+        "nativeCheckInputs": ["prometheus", "pytest-aiohttp", "pytestCheckHook", "trustme"],
+        "enabledTestPaths": ["tests"],
+        "pytestFlags": ["-p", "no:cacheprovider"],
+        "pythonImportsCheck": ["aegis"],
+        "mainProgram": "aegis",
+        "license": "MIT",
+    }
+
+
+# --- the flake's outputs, with a stub nixpkgs ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flake(nixpkgs_lib: Path) -> Any:
+    return json.loads(
+        nix(
+            "--eval",
+            "--strict",
+            "--json",
+            str(EVAL_FLAKE),
+            "--argstr",
+            "nixpkgsLib",
+            str(nixpkgs_lib),
+        )
+    )
+
+
+def test_flake_outputs_are_wired_for_each_system(flake: Any) -> None:
+    systems = ["aarch64-linux", "x86_64-linux"]
+    assert flake["inputs"] == "github:NixOS/nixpkgs/nixos-25.11"
+    assert flake["systems"] == dict.fromkeys(
+        ["apps", "checks", "devShells", "formatter", "packages"], systems
+    )
+    for system in systems:
+        assert flake["packages"][system] == {
+            "aegis": f"aegis-{system}",
+            "default": f"aegis-{system}",
+        }
+        assert flake["aegisIsApplication"][system] is True
+        assert flake["apps"][system] == {
+            "type": "app",
+            "program": f"/stub/aegis-{system}/bin/aegis",
+            "meta": {"description": "stub description"},
+        }
+        assert flake["checks"][system] == {"aegis": f"aegis-{system}", "vm": f"vm-{system}"}
+        assert flake["formatter"][system] == "nixfmt-tree"
+    assert flake["aegisSource"] == str(REPO / "pkgs" / "aegis")
+    assert flake["vmImports"] == [str(REPO / "nixos-tests" / "aegis.nix")]
+    assert flake["nixosModules"] == ["aegis", "default"]
+
+
+def test_overlay_adds_the_library_and_the_application(flake: Any) -> None:
+    assert flake["overlay"] == {
+        "keepsOtherExtensions": True,
+        "pythonAegis": str(REPO / "pkgs" / "aegis"),
+        "aegisIsApplication": True,
+    }
+
+
+def test_flake_module_runs_the_flakes_package_without_the_overlay(flake: Any) -> None:
+    assert systemd_words(flake["moduleExecStart"])[0] == "/stub/aegis-x86_64-linux/bin/aegis"
+
+
+# --- the VM test's script ------------------------------------------------------
+
+
+def test_vm_test_script_is_valid_python(nixpkgs_lib: Path, tmp_path: Path) -> None:
+    script = json.loads(
+        nix(
+            "--eval",
+            "--strict",
+            "--json",
+            "--expr",
+            f"(import ./nixos-tests/aegis.nix {{ lib = import {nixpkgs_lib}; }}).testScript",
+        )
+    )
+    compile(script, "testScript", "exec")
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        return
+    path = tmp_path / "test_script.py"
+    path.write_text(script)
+    # The driver provides these names; anything else undefined is a bug.
+    driver_names = '["start_all", "server", "prometheus", "subtest"]'
+    subprocess.run(
+        [
+            ruff,
+            "check",
+            "--isolated",
+            "--select",
+            "F,E9",
+            "--config",
+            f"builtins = {driver_names}",
+            str(path),
+        ],
+        check=True,
+    )
