@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from aegis.proxy import Config, deadline, make_app
-from conftest import AegisFactory, Upstreams, raw_http
+from conftest import AegisFactory, Upstreams, aegis_process, raw_http
 
 PAGE = "# TYPE up gauge\nup 1\n"
 
@@ -359,15 +359,8 @@ async def test_library_mounts_as_a_subapp(upstreams: Upstreams, sockdir: Path) -
         assert (await client.get("/aegis/nope")).status == 404
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop CAP_DAC_OVERRIDE")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-@pytest.mark.skipif(shutil.which("aegis") is None, reason="needs the installed aegis")
 async def test_permission_denied_is_502_and_the_log_names_file_and_group(
     upstreams: Upstreams, sockdir: Path
 ) -> None:
@@ -375,35 +368,12 @@ async def test_permission_denied_is_502_and_the_log_names_file_and_group(
     as root without CAP_DAC_OVERRIDE: then a mode-0000 socket refuses it like any user."""
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     os.chmod(sockdir / "svc.sock", 0)
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        "setpriv",
-        "--bounding-set=-dac_override,-dac_read_search",
-        str(shutil.which("aegis")),
-        "--workers",
-        "1",
-        "-hostport",
-        f"127.0.0.1:{port}",
-        "-sockdir",
-        str(sockdir),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/svc") as response:
-                        status, body = response.status, await response.text()
-                    break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("aegis did not start")
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        _, stderr = await asyncio.wait_for(process.communicate(), 15)
-    assert (status, body) == (502, "permission denied\n")
-    log = stderr.decode()
-    assert f"{sockdir / 'svc.sock'} is root:root mode 0000" in log
-    assert "aegis runs as root in groups root" in log
+    wrapper = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+    async with (
+        aegis_process("--workers", "1", "-sockdir", str(sockdir), wrapper=wrapper) as aegis,
+        aiohttp.ClientSession() as session,
+        session.get(f"{aegis.url}/svc") as response,
+    ):
+        assert (response.status, await response.text()) == (502, "permission denied\n")
+    assert f"{sockdir / 'svc.sock'} is root:root mode 0000" in aegis.log
+    assert "aegis runs as root in groups root" in aegis.log

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import AegisFactory, Upstreams
+from conftest import AegisFactory, Upstreams, aegis_process
 
 
 class KeepAliveService:
@@ -162,7 +160,6 @@ def _status_kib(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
-@pytest.mark.skipif(shutil.which("aegis") is None, reason="needs the installed aegis")
 async def test_memory_stays_flat_while_a_100_mb_page_passes(
     upstreams: Upstreams, sockdir: Path
 ) -> None:
@@ -179,40 +176,20 @@ async def test_memory_stays_flat_while_a_100_mb_page_passes(
         return response
 
     await upstreams.http(sockdir / "big.sock", huge)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = await asyncio.create_subprocess_exec(
-        str(shutil.which("aegis")),
-        "--workers",
-        "1",
-        "-hostport",
-        f"127.0.0.1:{port}",
-        "-sockdir",
-        str(sockdir),
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        received = 0
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/-absent-") as response:
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-            baseline = _status_kib(process.pid, "VmRSS")
-            async with session.get(f"http://127.0.0.1:{port}/big") as response:
-                assert response.status == 200
-                async for piece in response.content.iter_chunked(1 << 20):
-                    received += len(piece)
-                    # A scraper slower than the service: without back-pressure the difference
-                    # would pile up inside Aegis.
-                    await asyncio.sleep(0.01)
-        peak = _status_kib(process.pid, "VmHWM")
-    finally:
-        process.terminate()
-        await asyncio.wait_for(process.wait(), 15)
+    received = 0
+    async with (
+        aegis_process("--workers", "1", "-sockdir", str(sockdir)) as aegis,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        baseline = _status_kib(aegis.process.pid, "VmRSS")
+        async with session.get(f"{aegis.url}/big") as response:
+            assert response.status == 200
+            async for piece in response.content.iter_chunked(1 << 20):
+                received += len(piece)
+                # A scraper slower than the service: without back-pressure the difference
+                # would pile up inside Aegis.
+                await asyncio.sleep(0.01)
+        peak = _status_kib(aegis.process.pid, "VmHWM")
     assert received == len(chunk) * count
     # 100 MiB went through; the process grew by a small buffer's worth, not by the page.
     assert peak - baseline < 24 * 1024, f"peak RSS grew by {peak - baseline} KiB"
