@@ -51,13 +51,16 @@ class Exchange(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.on_idle_lost: Callable[[Exchange], None] | None = None
+        # One parser for the connection's life: llhttp reads consecutive keep-alive answers by
+        # itself, and building one binds every callback anew.
+        self._parser = httptools.HttpResponseParser(self)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[bytes, bytes]] = []
-        self._parser: httptools.HttpResponseParser | None = None
+        self._active = False
         self._head_only = False
         self._head: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -77,7 +80,7 @@ class Exchange(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._reset_exchange()
         self._head_only = head_only
-        self._parser = httptools.HttpResponseParser(self)
+        self._active = True
         self._head = loop.create_future()
         assert self.transport is not None
         if self.transport.is_closing():
@@ -140,7 +143,7 @@ class Exchange(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None or self._complete:
+        if not self._active or self._complete:
             # Bytes nobody asked for: this connection can't be trusted for another exchange.
             self._keep_alive = False
             self.close()
@@ -160,7 +163,7 @@ class Exchange(asyncio.Protocol):
         self.closed = True
         if self.on_idle_lost is not None:
             self.on_idle_lost(self)
-        if self._parser is None or self._complete:
+        if not self._active or self._complete:
             return
         head_seen = self._head is not None and self._head.done()
         if not head_seen:
@@ -184,7 +187,6 @@ class Exchange(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             # An interim answer (e.g. 103 Early Hints); the real one follows.
@@ -214,7 +216,6 @@ class Exchange(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def on_message_complete(self) -> None:
-        assert self._parser is not None
         if self.status == 0 or self._complete:  # end of an interim answer, or of a HEAD's head
             return
         self._complete = True
