@@ -70,8 +70,10 @@ buildPythonPackage {
 
   # Run from the repository root: that is where tests/ is, and there no
   # aegis/ source directory shadows the installed package, so the tests
-  # exercise what was installed.
+  # exercise what was installed. The command-line tests start the installed
+  # `aegis` executable.
   preCheck = ''
+    export PATH="$out/bin:$PATH"
     pushd ../..
   '';
   postCheck = ''
