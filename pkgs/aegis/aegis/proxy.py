@@ -20,7 +20,6 @@ import os
 import pwd
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -109,14 +108,23 @@ def make_app(
     )
     app.cleanup_ctx.append(_upstream_pool)
     external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
+
+    async def landing(request: web.Request) -> web.Response:
+        return await discovery.landing(request, targets)
+
+    async def service_discovery(request: web.Request) -> web.Response:
+        return await discovery.service_discovery(request, targets, external)
+
+    async def own_metrics(_: web.Request) -> web.Response:
+        return await serve_metrics(registry)
+
     # Names never start with "-", so the reserved /-/ paths can never shadow a target.
-    get = partial(app.router.add_get, allow_head=True)
-    get("/", partial(discovery.landing, targets=targets))
-    get("/-/healthy", discovery.healthy)
-    get("/-/ready", discovery.ready)
-    get("/-/sd", partial(discovery.service_discovery, targets=targets, external=external))
-    get("/-/metrics", lambda _: serve_metrics(registry))
-    get("/{name}", _handle)
+    app.router.add_get("/", landing)
+    app.router.add_get("/-/healthy", discovery.healthy)
+    app.router.add_get("/-/ready", discovery.ready)
+    app.router.add_get("/-/sd", service_discovery)
+    app.router.add_get("/-/metrics", own_metrics)
+    app.router.add_get("/{name}", _handle)
     return app
 
 
