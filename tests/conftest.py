@@ -12,10 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aegis.proxy import Config, make_app
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+
+from aegis.proxy import Config, make_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

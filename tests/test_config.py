@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+
 from aegis.cli import main
 from aegis.config import ConfigError
 from aegis.configfile import load_targets
 from aegis.targets import Target
-from aiohttp import web
 from conftest import AegisFactory, Upstreams
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
+
 from aegis.config import Config, ConfigError
 from aegis.targets import Target
-from conftest import AegisFactory, Upstreams, raw_http_get
+from conftest import AegisFactory, Upstreams, raw_http
 
 
 async def test_health_endpoints_answer_plain_200(aegis: AegisFactory) -> None:
@@ -169,7 +169,7 @@ async def test_sd_without_host_header_still_names_an_address(
 ) -> None:
     await upstreams.metrics(sockdir / "app.sock", "up 1\n")
     client = await aegis()
-    raw = await asyncio.to_thread(raw_http_get, client.port, b"GET /-/sd HTTP/1.0\r\n\r\n")
+    raw = await raw_http(client.port, b"GET /-/sd HTTP/1.0\r\n\r\n")
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
     groups = json.loads(body)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import AegisFactory, Upstreams
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import AegisFactory, Upstreams
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
