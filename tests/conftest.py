@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from aegis.proxy import Config, make_app
 
@@ -97,9 +98,12 @@ async def aegis(sockdir: Path) -> AsyncIterator[AegisFactory]:
     """``await aegis(**config)``: Aegis on 127.0.0.1 over real TCP, and a client for it."""
     clients: list[TestClient[web.Request, web.Application]] = []
 
-    async def start(**overrides: object) -> TestClient[web.Request, web.Application]:
+    async def start(
+        registry: CollectorRegistry | None = None, **overrides: object
+    ) -> TestClient[web.Request, web.Application]:
         settings: dict[str, object] = {"sockdir": sockdir, **overrides}
-        client = TestClient(TestServer(make_app(Config(**settings)), host="127.0.0.1"))  # type: ignore[arg-type]
+        app = make_app(Config(**settings), registry=registry)  # type: ignore[arg-type]
+        client = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)
         return client

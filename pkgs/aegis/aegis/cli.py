@@ -7,14 +7,17 @@ The original program's flags keep working in every spelling its users and its Ni
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, multiproc
 from .config import Config, ConfigError, parse_duration
+from .configfile import load_targets
 from .proxy import make_app
 from .server import Listener, bind, serve, systemd_listeners
 from .targets import Target
@@ -97,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="an explicit target: a socket anywhere, and the path its metrics are on (repeatable)",
     )
     parser.add_argument(
+        "--config.file",
+        dest="config_file",
+        metavar="FILE",
+        help="YAML file of explicit targets: targets: {NAME: {socket: /path, path: /metrics}}",
+    )
+    parser.add_argument(
+        "--web.external-url",
+        dest="external_url",
+        metavar="URL",
+        default="",
+        help="how Prometheus reaches Aegis (scheme, host:port, path prefix), for /-/sd "
+        "(default: the Host each client used)",
+    )
+    parser.add_argument(
         "--web.systemd-socket",
         dest="systemd_socket",
         action="store_true",
@@ -157,11 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--target {target.name}: given twice")
         targets[target.name] = target
     try:
+        if args.config_file:
+            for name, target in load_targets(args.config_file).items():
+                if name in targets:
+                    raise ConfigError(
+                        f"target {name!r} given twice: by --target and in "
+                        f"{args.config_file} (targets.{name})"
+                    )
+                targets[name] = target
         config = Config(
             sockdir=Path(args.sockdir),
             targets=targets,
             scrape_timeout=args.scrape_timeout,
             timeout_offset=args.timeout_offset,
+            external_url=args.external_url,
         )
         listeners = [Listener.parse(text) for text in args.listen or [DEFAULT_HOSTPORT]]
         if args.systemd_socket:
@@ -175,7 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
-    return serve(lambda: make_app(config), socks, shutdown_grace=args.grace)
+    if args.workers == 1:
+        return serve(lambda: make_app(config), socks, shutdown_grace=args.grace)
+    # Several workers: one set of self-metrics for all of them, whichever answers a scrape.
+    with contextlib.ExitStack() as stack:
+        path = stack.enter_context(multiproc.metrics_dir())
+        return serve(
+            lambda: make_app(config, multiprocess_dir=path),
+            socks,
+            shutdown_grace=args.grace,
+            on_worker_exit=functools.partial(multiproc.worker_exited, path),
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from .discovery import ExternalURL
 from .targets import Target, check_name
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -56,6 +57,9 @@ class Config:
     max_idle_per_socket: int = 64
     #: Seconds an idle upstream connection is kept for reuse.
     upstream_idle_timeout: float = 60.0
+    #: How scrapers reach Aegis (``https://host:port/prefix``), for ``/-/sd``; "" means the way
+    #: each client did (its Host header).
+    external_url: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sockdir", Path(self.sockdir))
@@ -76,3 +80,8 @@ class Config:
             raise ConfigError(f"timeout_offset must not be negative, got {self.timeout_offset!r}")
         if self.max_idle_per_socket < 0:
             raise ConfigError("max_idle_per_socket must not be negative")
+        if self.external_url:
+            try:
+                ExternalURL.parse(self.external_url)
+            except ValueError as exc:
+                raise ConfigError(f"external_url: {exc}") from None

@@ -18,11 +18,15 @@ import grp
 import logging
 import os
 import pwd
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from . import discovery
 from .config import Config, ConfigError, parse_duration
+from .metrics import ProxyMetrics, serve_metrics
 from .targets import BadName, NoSuchTarget, Target, Targets
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
@@ -33,6 +37,7 @@ log = logging.getLogger("aegis.proxy")
 CONFIG_KEY = web.AppKey("aegis_config", Config)
 TARGETS_KEY = web.AppKey("aegis_targets", Targets)
 POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
+METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 
 #: Every way a scrape can fail before the upstream's answer starts, and what the scraper sees.
 FAILURE_STATUS = {
@@ -44,6 +49,7 @@ FAILURE_STATUS = {
     "permission": 502,
     "reset": 502,
     "stale": 502,
+    "truncated": 502,
     "protocol": 502,
     "timeout": 504,
 }
@@ -81,13 +87,44 @@ _HOP_BY_HOP_RESPONSE = frozenset(
 _SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 
 
-def make_app(config: Config) -> web.Application:
-    """The proxy as an aiohttp application; mountable with ``add_subapp``."""
+def make_app(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    multiprocess_dir: str | os.PathLike[str] | None = None,
+) -> web.Application:
+    """The proxy as an aiohttp application; mountable with ``add_subapp``.
+
+    Self-metrics go to ``registry`` (a fresh one by default, never the global one); see
+    :mod:`aegis.metrics` for ``multiprocess_dir``.
+    """
     app = web.Application()
+    targets = Targets(config.sockdir, config.targets)
+    registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
-    app[TARGETS_KEY] = Targets(config.sockdir, config.targets)
+    app[TARGETS_KEY] = targets
+    app[METRICS_KEY] = ProxyMetrics(
+        registry, lambda: len(targets.names()), multiprocess_dir=multiprocess_dir
+    )
     app.cleanup_ctx.append(_upstream_pool)
-    app.router.add_get("/{name}", _handle, allow_head=True)
+    external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
+
+    async def landing(request: web.Request) -> web.Response:
+        return await discovery.landing(request, targets)
+
+    async def service_discovery(request: web.Request) -> web.Response:
+        return await discovery.service_discovery(request, targets, external)
+
+    async def own_metrics(_: web.Request) -> web.Response:
+        return await serve_metrics(registry)
+
+    # Names never start with "-", so the reserved /-/ paths can never shadow a target.
+    app.router.add_get("/", landing)
+    app.router.add_get("/-/healthy", discovery.healthy)
+    app.router.add_get("/-/ready", discovery.ready)
+    app.router.add_get("/-/sd", service_discovery)
+    app.router.add_get("/-/metrics", own_metrics)
+    app.router.add_get("/{name}", _handle)
     return app
 
 
@@ -95,6 +132,9 @@ async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     if not config.sockdir.is_dir():
         log.warning("socket directory %s does not exist (yet): answering 404", config.sockdir)
+    for target in config.targets.values():
+        if not target.socket.exists():
+            log.warning("target %s: socket %s does not exist (yet)", target.name, target.socket)
     pool = UpstreamPool(
         max_idle_per_socket=config.max_idle_per_socket,
         idle_timeout=config.upstream_idle_timeout,
@@ -127,16 +167,32 @@ def _failure(kind: str, name: str, reason: str, detail: str = "") -> web.Respons
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
+    metrics = request.app[METRICS_KEY]
+    metrics.in_flight.inc()
+    try:
+        return await _proxy(request, metrics)
+    finally:
+        metrics.in_flight.dec()
+
+
+async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamResponse:
     app = request.app
     name = request.match_info["name"]
     try:
         endpoint = app[TARGETS_KEY].resolve(name)
     except BadName as exc:
+        # Unknown names are counted as target="": a flood of random names adds no series.
+        metrics.error("", "bad_name")
+        metrics.request("", 400)
         return _failure("bad_name", repr(name)[:120], f"bad target name: {exc}")
     except NoSuchTarget as exc:
+        metrics.error("", "unknown")
+        metrics.request("", 404)
         log.debug("404 %s: %s", name, exc)
         return web.Response(status=404, text="no such target\n")
     except PermissionError as exc:
+        metrics.error(name, "permission")
+        metrics.request(name, FAILURE_STATUS["permission"])
         return _failure(
             "permission", name, "permission denied", _permission_detail(str(exc.filename))
         )
@@ -146,6 +202,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     pool = app[POOL_KEY]
     response: web.StreamResponse | None = None
     conn: Exchange | None = None
+    started = time.perf_counter()
     try:
         async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
             conn = await pool.send(
@@ -157,6 +214,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
                 # The whole page came with the head (the common case for a scrape): one
                 # response, one write, no streaming machinery. aiohttp sets Content-Length.
                 pool.release(conn)
+                metrics.upstream(name, time.perf_counter() - started)
+                metrics.request(name, conn.status)
                 headers = _response_headers(conn, keep_length=False)
                 return web.Response(status=conn.status, reason=reason, headers=headers, body=first)
             headers = _response_headers(conn, keep_length=True)
@@ -167,6 +226,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             while chunk := await conn.read():
                 await response.write(chunk)
     except PermissionError:
+        metrics.error(name, "permission")
+        metrics.request(name, FAILURE_STATUS["permission"])
         detail = _permission_detail(endpoint.socket)
         return _failure("permission", name, "permission denied", detail)
     except (UpstreamError, TimeoutError) as exc:
@@ -174,9 +235,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             conn.abort()
         kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
         reason = exc.reason if isinstance(exc, UpstreamError) else "upstream deadline exceeded"
+        metrics.upstream(name, time.perf_counter() - started)
+        metrics.error(name, kind)
         if response is None:
+            metrics.request(name, FAILURE_STATUS[kind])
             return _failure(kind, name, f"upstream: {reason}", endpoint.socket)
         # The status line is out: the only honest signal left is to break the connection.
+        metrics.request(name, response.status)
         log.warning("%s: aborted mid-response: %s (%s)", name, reason, endpoint.socket)
         _abort_client(request)
         return response
@@ -185,6 +250,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             conn.abort()
         raise
     pool.release(conn)
+    metrics.upstream(name, time.perf_counter() - started)
+    metrics.request(name, response.status)
     return response
 
 

@@ -139,12 +139,17 @@ AppFactory = Callable[[], web.Application]
 
 
 def serve(
-    app_factory: AppFactory, socks: list[list[socket.socket]], *, shutdown_grace: float
+    app_factory: AppFactory,
+    socks: list[list[socket.socket]],
+    *,
+    shutdown_grace: float,
+    on_worker_exit: Callable[[int], None] | None = None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT; returns the exit status."""
+    """Serve until SIGTERM or SIGINT; returns the exit status. ``on_worker_exit(pid)`` is called
+    in the parent for each worker process that ended."""
     if len(socks) == 1:
         return _run_worker(app_factory, socks[0], shutdown_grace)
-    return _supervise(app_factory, socks, shutdown_grace)
+    return _supervise(app_factory, socks, shutdown_grace, on_worker_exit)
 
 
 def _run_worker(app_factory: AppFactory, socks: list[socket.socket], grace: float) -> int:
@@ -178,7 +183,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _supervise(app_factory: AppFactory, socks: list[list[socket.socket]], grace: float) -> int:
+def _supervise(
+    app_factory: AppFactory,
+    socks: list[list[socket.socket]],
+    grace: float,
+    on_worker_exit: Callable[[int], None] | None,
+) -> int:
     watched = {signal.SIGCHLD, *_STOP_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
 
@@ -212,6 +222,8 @@ def _supervise(app_factory: AppFactory, socks: list[list[socket.socket]], grace:
                 break
             index = workers.pop(pid)
             code = os.waitstatus_to_exitcode(status)
+            if on_worker_exit is not None:
+                on_worker_exit(pid)
             if stopping_since is None:
                 log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
                 time.sleep(1.0)  # a worker that dies at once must not become a fork loop

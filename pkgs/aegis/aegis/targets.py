@@ -54,6 +54,11 @@ class Target:
         object.__setattr__(self, "socket", Path(self.socket))
         if not str(self.socket) or str(self.socket) == ".":
             raise ValueError(f"target {self.name!r}: empty socket path")
+        if not self.socket.is_absolute():
+            # Relative to whatever directory Aegis was started in (/ under systemd): a trap.
+            raise ValueError(
+                f"target {self.name!r}: socket path {str(self.socket)!r} is not absolute"
+            )
         if not _UPSTREAM_PATH.fullmatch(self.path):
             raise ValueError(
                 f"target {self.name!r}: path {self.path!r} must start with '/' and contain no "

@@ -1,0 +1,194 @@
+"""Aegis's own metrics, served at ``/-/metrics``.
+
+Everything is registered in the registry the caller passes, never in prometheus_client's global
+one, so several applications in one process (tests, or a program mounting Aegis) never collide.
+
+Label cardinality is bounded by what exists: ``target`` is the name of a target that resolved
+(a socket that was there, or an explicit target), and ``""`` for every request that named none —
+a flood of random names (404) or malformed ones (400) adds no series.
+
+Several worker processes (``aegis --workers N``) each count their own requests, and a scrape
+lands on one of them. With ``multiprocess_dir`` the values live in prometheus_client's per-process
+files in that directory and every scrape reads all of them (``MultiProcessCollector``), so the
+counters are those of the whole server. Setting that up (the ``PROMETHEUS_MULTIPROC_DIR``
+environment variable before the first value is created, wiping the directory, marking dead
+workers) is process-wide state, and belongs to the command line (:mod:`aegis.multiproc`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+__all__ = ["ProxyMetrics", "serve_metrics"]
+
+#: Upstream durations of a scrape: from a few milliseconds to the default 10 s deadline and past.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ProxyMetrics:
+    """The proxy's counters, with label children cached so a request costs a dict lookup each."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        count_targets: Callable[[], int],
+        *,
+        multiprocess_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.registry = registry
+        # In multiprocess mode the values are read back from the files by MultiProcessCollector;
+        # registering the objects as well would expose every series twice.
+        own: CollectorRegistry | None = registry
+        if multiprocess_dir is not None:
+            if not getattr(values.ValueClass, "_multiprocess", False):
+                raise RuntimeError(
+                    "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before "
+                    "prometheus_client is imported (see aegis.multiproc)"
+                )
+            MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            own = None
+        self._requests = Counter(
+            "aegis_requests",
+            "Proxied scrape requests, by target and HTTP status code answered "
+            '(target="" when the name matched no target).',
+            ["target", "code"],
+            registry=own,
+        )
+        self._duration = Histogram(
+            "aegis_upstream_duration_seconds",
+            "Time from connecting to (or reusing a connection to) the upstream to the end of its "
+            "answer, or to its failure.",
+            ["target"],
+            buckets=DURATION_BUCKETS,
+            registry=own,
+        )
+        self._errors = Counter(
+            "aegis_upstream_errors",
+            'Failed scrapes, by target and kind (bad_name and unknown have target="").',
+            ["target", "kind"],
+            registry=own,
+        )
+        self.in_flight = Gauge(
+            "aegis_requests_in_flight",
+            "Proxied scrape requests being answered now.",
+            registry=own,
+            multiprocess_mode="livesum",
+        )
+        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+        self._error_children: dict[tuple[str, str], Counter] = {}
+        registry.register(_TargetsCollector(count_targets))
+        registry.register(_BuildInfoCollector())
+        if multiprocess_dir is None:
+            ProcessCollector(registry=registry)
+        else:
+            registry.register(_ProcessGroupCollector())
+
+    def request(self, target: str, code: int) -> None:
+        child = self._request_children.get((target, code))
+        if child is None:
+            child = self._request_children[(target, code)] = self._requests.labels(target, code)
+        child.inc()
+
+    def upstream(self, target: str, seconds: float) -> None:
+        child = self._duration_children.get(target)
+        if child is None:
+            child = self._duration_children[target] = self._duration.labels(target)
+        child.observe(seconds)
+
+    def error(self, target: str, kind: str) -> None:
+        child = self._error_children.get((target, kind))
+        if child is None:
+            child = self._error_children[(target, kind)] = self._errors.labels(target, kind)
+        child.inc()
+
+
+async def serve_metrics(registry: CollectorRegistry) -> web.Response:
+    """The registry in the Prometheus text format."""
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+class _TargetsCollector(Collector):
+    """The number of targets, counted when scraped: sockets come and go without any request."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "aegis_targets",
+            "Targets that exist now (sockets found and explicit targets).",
+            value=self._count(),
+        )
+
+
+class _BuildInfoCollector(Collector):
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "aegis_build_info",
+            "Always 1; the labels say which Aegis and which Python run.",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+class _ProcessGroupCollector(Collector):
+    """``process_*`` of the whole server: the supervisor and all its workers, added up.
+
+    The scraped worker alone would make ``process_cpu_seconds_total`` jump between workers'
+    figures from one scrape to the next. CPU time of a worker that died is lost with it, as it
+    is for any restarted process.
+    """
+
+    _SUMMED = (
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+    )
+
+    def collect(self) -> Iterable[Metric]:
+        supervisor = os.getppid()
+        families: dict[str, Metric] = {}
+        for pid in _with_children(supervisor):
+            collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]
+            for family in collector.collect():
+                kept = families.get(family.name)
+                if kept is None:
+                    families[family.name] = family  # the supervisor's comes first
+                elif family.name in self._SUMMED and family.samples and kept.samples:
+                    total = kept.samples[0].value + family.samples[0].value
+                    kept.samples[0] = kept.samples[0]._replace(value=total)
+        yield from families.values()
+
+
+def _with_children(pid: int) -> Iterator[int]:
+    yield pid
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: at least this worker
+        children = [str(os.getpid())]
+    yield from (int(child) for child in children)

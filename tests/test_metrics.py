@@ -1,0 +1,244 @@
+"""Self-metrics at /-/metrics: counts by target and code, error kinds, in-flight, targets, and the
+sum over several worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import AegisFactory, Upstreams
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(client: object) -> str:
+    response = await client.get("/-/metrics")  # type: ignore[attr-defined]
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return str(await response.text())
+
+
+async def test_requests_are_counted_by_target_and_code(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "good.sock", "up 1\n")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1)
+        return web.Response(text="late\n")
+
+    await upstreams.http(sockdir / "slow.sock", slow)
+    refusing = socket.socket(socket.AF_UNIX)
+    try:
+        refusing.bind(str(sockdir / "dead.sock"))  # bound, never listening: connection refused
+        client = await aegis()
+        for _ in range(3):
+            assert (await client.get("/good")).status == 200
+        assert (await client.get("/random-name-1")).status == 404
+        assert (await client.get("/random-name-2")).status == 404
+        assert (await client.get("/dead")).status == 502
+        headers = {"X-Prometheus-Scrape-Timeout-Seconds": "0.2"}
+        assert (await client.get("/slow", headers=headers)).status == 504
+        text = await scrape(client)
+    finally:
+        refusing.close()
+    assert value(text, "aegis_requests_total", target="good", code="200") == 3
+    # Unknown names share one series, whatever they were.
+    assert value(text, "aegis_requests_total", target="", code="404") == 2
+    assert not any("random" in line for line in text.splitlines())
+    assert value(text, "aegis_requests_total", target="dead", code="502") == 1
+    assert value(text, "aegis_requests_total", target="slow", code="504") == 1
+    assert value(text, "aegis_upstream_errors_total", target="", kind="unknown") == 2
+    assert value(text, "aegis_upstream_errors_total", target="dead", kind="refused") == 1
+    assert value(text, "aegis_upstream_errors_total", target="slow", kind="timeout") == 1
+    assert value(text, "aegis_upstream_duration_seconds_count", target="good") == 3
+    assert value(text, "aegis_upstream_duration_seconds_count", target="slow") == 1
+    assert value(text, "aegis_upstream_duration_seconds_sum", target="slow") >= 0.1
+    assert value(text, "aegis_targets") == 3  # good, slow, dead (sockets, listening or not)
+    build = [s for s in samples(text) if s[0] == "aegis_build_info"]
+    assert len(build) == 1
+    assert dict(build[0][1])["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert value(text, "process_resident_memory_bytes") > 0
+
+
+async def test_mid_response_failures_are_counted_by_kind(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+
+    await upstreams.raw(sockdir / "cut.sock", cut_short)
+    await upstreams.raw(sockdir / "garbage.sock", garbage)
+    client = await aegis()
+    with pytest.raises(Exception):  # noqa: B017,PT011 - the client sees a broken connection
+        await (await client.get("/cut")).read()
+    assert (await client.get("/garbage")).status == 502
+    text = await scrape(client)
+    assert value(text, "aegis_upstream_errors_total", target="cut", kind="truncated") == 1
+    # The status line was already sent: that is the code counted.
+    assert value(text, "aegis_requests_total", target="cut", code="200") == 1
+    assert value(text, "aegis_upstream_errors_total", target="garbage", kind="protocol") == 1
+    assert value(text, "aegis_requests_total", target="garbage", code="502") == 1
+
+
+async def test_bad_names_are_counted_without_their_name(aegis: AegisFactory) -> None:
+    client = await aegis()
+    assert (await client.get("/.hidden")).status == 400
+    text = await scrape(client)
+    assert value(text, "aegis_requests_total", target="", code="400") == 1
+    assert value(text, "aegis_upstream_errors_total", target="", kind="bad_name") == 1
+
+
+async def test_in_flight_gauge_counts_a_slow_scrape_while_it_runs(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.wait_for(release.wait(), timeout=10)
+        return web.Response(text="up 1\n")
+
+    await upstreams.http(sockdir / "held.sock", held)
+    client = await aegis()
+    pending = asyncio.ensure_future(client.get("/held"))
+    await asyncio.wait_for(arrived.wait(), timeout=10)
+    assert value(await scrape(client), "aegis_requests_in_flight") == 1
+    release.set()
+    assert (await asyncio.wait_for(pending, timeout=10)).status == 200
+    assert value(await scrape(client), "aegis_requests_in_flight") == 0
+
+
+async def test_metrics_go_to_the_given_registry_and_not_the_global_one(
+    aegis: AegisFactory,
+) -> None:
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    assert (await client.get("/nothing")).status == 404
+    assert registry.get_sample_value("aegis_requests_total", {"target": "", "code": "404"}) == 1
+    # A second application in the same process starts from zero: nothing is shared.
+    other = await aegis()
+    assert value(await scrape(other), "aegis_requests_total", target="", code="404") == 0
+
+
+# -- several worker processes -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    """One request on a fresh connection, so the kernel may hand it to either worker."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _serve_upstream(path: Path) -> subprocess.Popen[bytes]:
+    """An upstream in its own process, so these blocking requests don't stall its event loop."""
+    code = (
+        "import sys\nfrom aiohttp import web\n"
+        "async def h(r): return web.Response(text='up 1\\n')\n"
+        "app = web.Application(); app.router.add_get('/metrics', h)\n"
+        "web.run_app(app, path=sys.argv[1], print=None)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, str(path)])
+
+
+def _wait_until(check: object, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
+    aegis = shutil.which("aegis")
+    if aegis is None:
+        pytest.skip("the aegis command is not installed (pip install -e pkgs/aegis)")
+    sockdir = tmp_path / "run"
+    sockdir.mkdir()
+    upstream = _serve_upstream(sockdir / "app.sock")
+    port = _free_port()
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
+    proc = subprocess.Popen(
+        [aegis, "-sockdir", str(sockdir), "-hostport", f"127.0.0.1:{port}", "--workers", "2"],
+        env=env,
+    )
+    try:
+        _wait_until(lambda: (sockdir / "app.sock").exists(), "the upstream socket")
+        _wait_until(lambda: _get(port, "/app")[0] == 200, "aegis to answer")
+        answered = 1
+        for _ in range(199):
+            assert _get(port, "/app")[0] == 200
+            answered += 1
+        for _ in range(50):
+            assert _get(port, "/missing")[0] == 404
+        # Both workers answered something, or the test would prove nothing.
+        pids = (Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()).split()
+        assert len(pids) == 2
+        db_pids = {p.stem.rsplit("_", 1)[1] for p in (runtime / "metrics").glob("counter_*.db")}
+        assert db_pids == set(pids)
+        for _ in range(10):  # every scrape, on either worker, sees the whole server
+            status, body = _get(port, "/-/metrics")
+            assert status == 200
+            text = body.decode()
+            assert value(text, "aegis_requests_total", target="app", code="200") == answered
+            assert value(text, "aegis_requests_total", target="", code="404") == 50
+            assert value(text, "aegis_upstream_duration_seconds_count", target="app") == answered
+            assert value(text, "aegis_requests_in_flight") == 0  # scrapes of Aegis don't count
+            assert value(text, "aegis_targets") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        upstream.terminate()
+        upstream.wait(timeout=10)
+    assert code == 0
+    assert not (runtime / "metrics").exists()  # removed at exit
