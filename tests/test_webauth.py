@@ -1,0 +1,148 @@
+"""webauth: basic auth, rate limit and headers in front of a real aiohttp server, real clients."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bcrypt
+import pytest
+from aiohttp import web
+
+from aegis.webauth import setup_web_config
+from aegis.webconfig import WebConfig, load_web_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "web.yml"
+    path.write_text(text)
+    return path
+
+
+async def echo(request: web.Request) -> web.Response:
+    """What a proxy handler would forward: every header it can see."""
+    return web.json_response(
+        {
+            "headers": dict(request.headers),
+            "raw": [k.decode() for k, _ in request.raw_headers],
+            "name": request.match_info["name"],
+        }
+    )
+
+
+@asynccontextmanager
+async def serve(config: WebConfig) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get("/{name}/metrics", echo)
+    setup_web_config(app, config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def get(url: str, **kw: Any) -> tuple[int, Any, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url + "/node/metrics", **kw) as resp,
+    ):
+        body = await resp.json() if resp.status == 200 else await resp.text()
+        return resp.status, resp.headers, body
+
+
+def users_yaml(tmp_path: Path) -> Path:
+    alice = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode()
+    bob = "$2y$" + bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()[4:]  # htpasswd -B
+    return write(
+        tmp_path,
+        f"basic_auth_users:\n  alice: '{alice}'\n  bob: '{bob}'\n"
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+        "    Content-Security-Policy: \"default-src 'self'\"\n",
+    )
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+async def test_basic_auth_strips_authorization_and_adds_headers(tmp_path: Path) -> None:
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        for user, password in (("alice", "wonderland"), ("bob", "builder"), ("bob", "builder")):
+            status, headers, body = await get(url, headers=basic(user, password))
+            assert status == 200
+            assert "Authorization" not in body["headers"]
+            assert "Authorization" not in body["raw"]
+            assert body["name"] == "node"  # the clone keeps the route's match_info
+            assert headers["X-Frame-Options"] == "deny"
+            assert headers["Content-Security-Policy"] == "default-src 'self'"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        basic("alice", "wrong"),
+        basic("mallory", "wonderland"),
+        basic("alice", "x" * 100),
+        {"Authorization": "Basic !!!"},
+        {"Authorization": "Bearer abc"},
+        {},
+    ],
+    ids=["wrong password", "unknown user", "overlong", "bad base64", "not basic", "missing"],
+)
+async def test_basic_auth_failures_are_401_with_challenge_and_headers(
+    tmp_path: Path, headers: dict[str, str]
+) -> None:
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        status, resp_headers, _ = await get(url, headers=headers)
+        assert status == 401
+        assert resp_headers["WWW-Authenticate"] == "Basic"
+        assert resp_headers["X-Frame-Options"] == "deny"
+
+
+async def test_bcrypt_runs_once_per_good_password_and_for_unknown_users(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    costs: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        costs.append(hashed[:7])
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        for _ in range(3):
+            assert (await get(url, headers=basic("alice", "wonderland")))[0] == 200
+        assert len(costs) == 1  # later scrapes hit the cache
+        for _ in range(2):
+            assert (await get(url, headers=basic("alice", "nope")))[0] == 401
+        assert len(costs) == 3  # failures are never cached
+        assert (await get(url, headers=basic("mallory", "x")))[0] == 401
+        assert costs[-1] == b"$2b$04$"  # unknown users pay the configured cost
+
+
+async def test_unknown_route_is_protected_too(tmp_path: Path) -> None:
+    async with (
+        serve(load_web_config(users_yaml(tmp_path))) as url,
+        aiohttp.ClientSession() as session,
+        session.get(url + "/-/healthy") as resp,
+    ):
+        assert resp.status == 401
+
+
+async def test_rate_limit(tmp_path: Path) -> None:
+    config = load_web_config(write(tmp_path, "rate_limit:\n  interval: 1m\n  burst: 2\n"))
+    assert config.rate_limit is not None
+    assert config.rate_limit.interval == 60.0
+    async with serve(config) as url:
+        assert [(await get(url))[0] for _ in range(3)] == [200, 200, 429]
