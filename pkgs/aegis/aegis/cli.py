@@ -15,12 +15,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiohttp import web
+
 from . import __version__, multiproc
 from .config import Config, ConfigError, parse_duration
 from .configfile import load_targets
 from .proxy import make_app
-from .server import Listener, bind, serve, systemd_listeners
+from .server import (
+    Listener,
+    Serving,
+    bind,
+    remove_socket_files,
+    serve,
+    socket_files,
+    systemd_listeners,
+)
 from .targets import Target
+from .webauth import setup_web_config
+from .webconfig import WebConfig, WebConfigError, load_web_config, server_ssl_context
 
 log = logging.getLogger("aegis")
 
@@ -39,6 +51,13 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_duration(text: str) -> float:
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero")
+    return seconds
 
 
 def _positive_int(text: str) -> int:
@@ -82,7 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         action="append",
         dest="listen",
-        help=f"TCP host:port to listen on, IPv6 in brackets (default: {DEFAULT_HOSTPORT})",
+        help="the original's name for --web.listen-address",
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        metavar="ADDRESS",
+        action="append",
+        dest="listen",
+        help="where to listen: TCP host:port (IPv6 in brackets, [::]:PORT is every address) or "
+        f"unix:/path; repeatable (default: {DEFAULT_HOSTPORT})",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        metavar="FILE",
+        help="exporter-toolkit web configuration: TLS, basic auth, headers, rate limit",
     )
     parser.add_argument(
         "-sockdir",
@@ -117,7 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.systemd-socket",
         dest="systemd_socket",
         action="store_true",
-        help="serve on the sockets systemd passes (socket activation, LISTEN_FDS) as well",
+        help="serve on the sockets systemd passes (socket activation, LISTEN_FDS); then "
+        "listen elsewhere only where --web.listen-address says",
+    )
+    parser.add_argument(
+        "--web.read-header-timeout",
+        dest="read_header_timeout",
+        metavar="DURATION",
+        type=_positive_duration,
+        default="10s",
+        help="time a client has to send a request's headers (and finish a TLS handshake) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.idle-timeout",
+        dest="idle_timeout",
+        metavar="DURATION",
+        type=_positive_duration,
+        default="2m",
+        help="time a keep-alive connection may wait for its next request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--limit.concurrent-requests",
+        dest="max_concurrent",
+        metavar="N",
+        type=_positive_int,
+        default=256,
+        help="upstream scrapes in flight at once in each worker; past it, 503 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--limit.concurrent-requests-per-target",
+        dest="max_concurrent_per_target",
+        metavar="N",
+        type=_positive_int,
+        default=64,
+        help="the same for each target, in each worker (default: %(default)s)",
     )
     parser.add_argument(
         "--workers",
@@ -188,30 +256,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             scrape_timeout=args.scrape_timeout,
             timeout_offset=args.timeout_offset,
             external_url=args.external_url,
+            max_concurrent=args.max_concurrent,
+            max_concurrent_per_target=args.max_concurrent_per_target,
         )
+        web_config = load_web_config(args.web_config) if args.web_config else None
         listeners = [Listener.parse(text) for text in args.listen or [DEFAULT_HOSTPORT]]
         if args.systemd_socket:
             listeners = [Listener.parse(text) for text in args.listen or []]
             listeners += systemd_listeners()
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, WebConfigError) as exc:
         parser.error(str(exc))
-    log.info("%s -> %s", ", ".join(map(str, listeners)), args.sockdir)
+    serving = Serving(
+        shutdown_grace=args.grace,
+        ssl_context=server_ssl_context(web_config.tls) if web_config and web_config.tls else None,
+        read_header_timeout=args.read_header_timeout,
+        idle_timeout=args.idle_timeout,
+    )
+    scheme = "https" if serving.ssl_context else "http"
+    log.info("%s %s -> %s", scheme, ", ".join(map(str, listeners)), args.sockdir)
     try:
         socks = bind(listeners, args.workers)
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
-    if args.workers == 1:
-        return serve(lambda: make_app(config), socks, shutdown_grace=args.grace)
-    # Several workers: one set of self-metrics for all of them, whichever answers a scrape.
-    with contextlib.ExitStack() as stack:
-        path = stack.enter_context(multiproc.metrics_dir())
-        return serve(
-            lambda: make_app(config, multiprocess_dir=path),
-            socks,
-            shutdown_grace=args.grace,
-            on_worker_exit=functools.partial(multiproc.worker_exited, path),
-        )
+    files = socket_files(listeners)
+    try:
+        if args.workers == 1:
+            return serve(lambda: _app(config, web_config), socks, serving)
+        # Several workers: one set of self-metrics for all of them, whichever answers a scrape.
+        with contextlib.ExitStack() as stack:
+            path = stack.enter_context(multiproc.metrics_dir())
+            return serve(
+                lambda: _app(config, web_config, multiprocess_dir=path),
+                socks,
+                serving,
+                on_worker_exit=functools.partial(multiproc.worker_exited, path),
+            )
+    finally:
+        remove_socket_files(files)
+
+
+def _app(
+    config: Config, web_config: WebConfig | None, *, multiprocess_dir: Path | None = None
+) -> web.Application:
+    app = make_app(config, multiprocess_dir=multiprocess_dir)
+    if web_config is not None:
+        setup_web_config(app, web_config)
+    return app
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,6 +60,10 @@ class Config:
     #: How scrapers reach Aegis (``https://host:port/prefix``), for ``/-/sd``; "" means the way
     #: each client did (its Host header).
     external_url: str = ""
+    #: Upstream exchanges in flight at once, per worker process; past it, 503 at once.
+    max_concurrent: int = 256
+    #: The same for each target, so one slow service cannot take every slot.
+    max_concurrent_per_target: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sockdir", Path(self.sockdir))
@@ -78,6 +82,9 @@ class Config:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.timeout_offset >= 0:
             raise ConfigError(f"timeout_offset must not be negative, got {self.timeout_offset!r}")
+        for name in ("max_concurrent", "max_concurrent_per_target"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_idle_per_socket < 0:
             raise ConfigError("max_idle_per_socket must not be negative")
         if self.external_url:

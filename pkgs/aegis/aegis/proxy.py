@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from . import discovery
 from .config import Config, ConfigError, parse_duration
+from .limits import Limits
 from .metrics import ProxyMetrics, serve_metrics
 from .targets import BadName, NoSuchTarget, Target, Targets
 from .upstream import Exchange, UpstreamError, UpstreamPool
@@ -38,6 +39,7 @@ CONFIG_KEY = web.AppKey("aegis_config", Config)
 TARGETS_KEY = web.AppKey("aegis_targets", Targets)
 POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
+LIMITS_KEY = web.AppKey("aegis_limits", Limits)
 
 #: Every way a scrape can fail before the upstream's answer starts, and what the scraper sees.
 FAILURE_STATUS = {
@@ -52,6 +54,7 @@ FAILURE_STATUS = {
     "truncated": 502,
     "protocol": 502,
     "timeout": 504,
+    "overloaded": 503,
 }
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what a GET without a body never forwards.
@@ -106,6 +109,7 @@ def make_app(
     app[METRICS_KEY] = ProxyMetrics(
         registry, lambda: len(targets.names()), multiprocess_dir=multiprocess_dir
     )
+    app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
     app.cleanup_ctx.append(_upstream_pool)
     external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
 
@@ -162,6 +166,8 @@ def _failure(kind: str, name: str, reason: str, detail: str = "") -> web.Respons
     """The scraper gets a one-line reason; the log also gets the details (paths, owners)."""
     status = FAILURE_STATUS[kind]
     level = logging.INFO if status < 500 else logging.WARNING
+    if kind == "overloaded":
+        level = logging.DEBUG  # a flood of refusals must not become a flood of log lines
     log.log(level, "%s %s: %s%s", status, name, reason, f" ({detail})" if detail else "")
     return web.Response(status=status, text=reason + "\n")
 
@@ -202,6 +208,11 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
     pool = app[POOL_KEY]
     response: web.StreamResponse | None = None
     conn: Exchange | None = None
+    limits = app[LIMITS_KEY]
+    if (refusal := limits.enter(name)) is not None:
+        metrics.error(name, "overloaded")
+        metrics.request(name, FAILURE_STATUS["overloaded"])
+        return _failure("overloaded", name, refusal)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
@@ -249,6 +260,8 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
         if conn is not None:
             conn.abort()
         raise
+    finally:
+        limits.leave(name)
     pool.release(conn)
     metrics.upstream(name, time.perf_counter() - started)
     metrics.request(name, response.status)

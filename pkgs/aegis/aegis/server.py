@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +27,17 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .timeouts import HeadTimeout
+
 log = logging.getLogger("aegis.server")
 
 _SD_LISTEN_FDS_START = 3
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_BACKLOG = 1024
+# Unix listeners are created owner and group read-write, whatever the umask: connecting needs
+# write permission, so the socket's group (the directory's, if it is setgid) can scrape and
+# nobody else can. A directory that is itself closed keeps even the group out.
+_UNIX_SOCKET_UMASK = 0o117
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +120,7 @@ def _bind_tcp(host: str, port: int, *, reuse_port: bool) -> socket.socket:
             # "[::]:31337" means every address, IPv4 included, as it does for the Go original.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
-        sock.listen(1024)
+        sock.listen(_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -125,14 +133,44 @@ def _bind_unix(path: str) -> socket.socket:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # left behind by an earlier run; anything else is not ours to remove
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(_UNIX_SOCKET_UMASK)  # set at bind(): no moment with a wider mode
     try:
         sock.bind(path)
-        sock.listen(1024)
+        sock.listen(_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
+    finally:
+        os.umask(umask)
     return sock
+
+
+def socket_files(listeners: Sequence[Listener]) -> dict[str, int]:
+    """The Unix-socket files just bound, each with its inode, for :func:`remove_socket_files`."""
+    return {item.unix_path: os.stat(item.unix_path).st_ino for item in listeners if item.unix_path}
+
+
+def remove_socket_files(files: dict[str, int]) -> None:
+    """Remove the socket files Aegis created, unless another process has bound the path since."""
+    for path, inode in files.items():
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_ino == inode:
+                os.unlink(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """How the workers serve their listeners."""
+
+    shutdown_grace: float = 10.0
+    #: TLS on every listener (``--web.config.file``), or plain HTTP.
+    ssl_context: ssl.SSLContext | None = None
+    #: Seconds from accept (or a request's first byte) to the end of its head; also bounds
+    #: the TLS handshake.
+    read_header_timeout: float = 10.0
+    #: Seconds a connection may wait for its next request.
+    idle_timeout: float = 120.0
 
 
 AppFactory = Callable[[], web.Application]
@@ -141,33 +179,52 @@ AppFactory = Callable[[], web.Application]
 def serve(
     app_factory: AppFactory,
     socks: list[list[socket.socket]],
+    serving: Serving,
     *,
-    shutdown_grace: float,
     on_worker_exit: Callable[[int], None] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status. ``on_worker_exit(pid)`` is called
     in the parent for each worker process that ended."""
     if len(socks) == 1:
-        return _run_worker(app_factory, socks[0], shutdown_grace)
-    return _supervise(app_factory, socks, shutdown_grace, on_worker_exit)
+        return _run_worker(app_factory, socks[0], serving)
+    return _supervise(app_factory, socks, serving, on_worker_exit)
 
 
-def _run_worker(app_factory: AppFactory, socks: list[socket.socket], grace: float) -> int:
+def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Serving) -> int:
     async def main() -> None:
         runner = web.AppRunner(
-            app_factory(), handle_signals=False, access_log=None, shutdown_timeout=grace
+            app_factory(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=serving.shutdown_grace,
+            keepalive_timeout=serving.idle_timeout,
         )
         await runner.setup()
-        for sock in socks:
-            await web.SockSite(runner, sock).start()
+        assert runner.server is not None
+        # Not web.SockSite: it cannot wrap the connection's protocol (the head deadline), and it
+        # would listen() again with a backlog of 128.
+        protocol = HeadTimeout.factory(runner.server, serving.read_header_timeout)
+        loop = asyncio.get_running_loop()
+        handshake = serving.read_header_timeout if serving.ssl_context else None
+        servers = [
+            await loop.create_server(
+                protocol,
+                sock=sock,
+                ssl=serving.ssl_context,
+                ssl_handshake_timeout=handshake,
+                backlog=_BACKLOG,
+            )
+            for sock in socks
+        ]
         # Everything built so far lives as long as the worker: keep the collector off it.
         gc.freeze()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in _STOP_SIGNALS:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.debug("worker %d stopping: finishing in-flight scrapes", os.getpid())
+        for server in servers:
+            server.close()  # not wait_closed(): that waits for every connection
         await runner.cleanup()
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -186,7 +243,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _supervise(
     app_factory: AppFactory,
     socks: list[list[socket.socket]],
-    grace: float,
+    serving: Serving,
     on_worker_exit: Callable[[int], None] | None,
 ) -> int:
     watched = {signal.SIGCHLD, *_STOP_SIGNALS}
@@ -198,7 +255,7 @@ def _supervise(
             code = 1
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                code = _run_worker(app_factory, socks[index], grace)
+                code = _run_worker(app_factory, socks[index], serving)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -207,6 +264,7 @@ def _supervise(
 
     workers = {spawn(index): index for index in range(len(socks))}
     log.info("%d workers: %s", len(workers), " ".join(map(str, workers)))
+    grace = serving.shutdown_grace
     stopping_since: float | None = None
     failed = False
     while workers:

@@ -1,0 +1,120 @@
+"""The installed ``aegis`` command as a child process, for tests that need the real thing.
+
+Waits are async and bounded: the upstreams the child talks to run in the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+AEGIS = shutil.which("aegis")
+needs_aegis = pytest.mark.skipif(
+    AEGIS is None, reason="the aegis executable is not on PATH (pip install -e './pkgs/aegis')"
+)
+# The installed command may be an editable install of another checkout: run this one's code.
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pkgs" / "aegis"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_DIR), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class Aegis:
+    """One ``aegis`` child; output goes to a file the failure messages quote."""
+
+    def __init__(
+        self, tmp_path: Path, args: Sequence[str], prefix: Sequence[str], pass_fds: Sequence[int]
+    ) -> None:
+        self.log = tmp_path / f"aegis-{time.monotonic_ns()}.log"
+        assert AEGIS is not None
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [*prefix, AEGIS, *args],
+                pass_fds=pass_fds,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def ready(self, host: str | None, port: int | str, within: float = 15.0) -> None:
+        """Until the listener accepts (``host`` None: ``port`` is a Unix socket path)."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                if host is None:
+                    _, writer = await asyncio.open_unix_connection(str(port))
+                else:
+                    _, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                if self.popen.poll() is not None:
+                    raise AssertionError(f"aegis exited early:\n{self.output()}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"not listening:\n{self.output()}") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+    async def wait(self, within: float = 15.0) -> int:
+        deadline = time.monotonic() + within
+        while (code := self.popen.poll()) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"aegis still running after {within} s:\n{self.output()}")
+            await asyncio.sleep(0.05)
+        return code
+
+    async def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+        try:
+            return await self.wait()
+        finally:
+            if self.popen.poll() is None:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+class Children:
+    """Every aegis a test started, stopped when it ends."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Aegis] = []
+
+    def start(self, *args: str, prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> Aegis:
+        """``prefix`` runs before the command (a wrapper that gets it as its first argument)."""
+        child = Aegis(self.tmp_path, args, prefix, pass_fds)
+        self.started.append(child)
+        return child
+
+    async def close(self) -> None:
+        for child in self.started:
+            await child.stop()

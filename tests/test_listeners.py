@@ -1,0 +1,132 @@
+"""Listeners of the installed aegis: TCP v4 and v6, Unix sockets, systemd socket activation."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aegisrun import Children, free_port, needs_aegis
+
+from conftest import Upstreams
+
+pytestmark = needs_aegis
+
+PAGE = "up 1\n"
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+async def children(tmp_path: Path) -> AsyncIterator[Children]:
+    started = Children(tmp_path)
+    yield started
+    await started.close()
+
+
+async def scrape(url: str, unix: Path | None = None) -> tuple[int, str]:
+    connector = aiohttp.UnixConnector(path=str(unix)) if unix else None
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def test_tcp_v4_v6_and_unix_listeners_serve_and_the_socket_file_goes_at_exit(
+    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    v4 = free_port()
+    unix = tmp_path / "aegis.sock"
+    args = ["-hostport", f"127.0.0.1:{v4}", "--web.listen-address", f"unix:{unix}"]
+    v6 = 0
+    if has_ipv6_loopback():
+        v6 = free_port("::1")
+        args += ["--web.listen-address", f"[::1]:{v6}"]
+    # A wide-open umask must not make the socket reachable by everyone.
+    child = children.start(
+        *args, "-sockdir", str(sockdir), prefix=["sh", "-c", 'umask 000; exec "$0" "$@"']
+    )
+    await child.ready("127.0.0.1", v4)
+    await child.ready(None, unix)
+    assert await scrape(f"http://127.0.0.1:{v4}/node") == (200, PAGE)
+    assert await scrape("http://aegis/node", unix=unix) == (200, PAGE)
+    if v6:
+        await child.ready("::1", v6)
+        assert await scrape(f"http://[::1]:{v6}/node") == (200, PAGE)
+    assert stat.S_IMODE(unix.stat().st_mode) == 0o660
+    assert await child.stop() == 0
+    assert not unix.exists()
+
+
+async def test_default_listener_only_when_none_is_given(
+    sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    port = free_port()
+    child = children.start("--web.listen-address", f"127.0.0.1:{port}", "-sockdir", str(sockdir))
+    await child.ready("127.0.0.1", port)
+    assert "31337" not in child.output()
+
+
+async def test_systemd_socket_activation_serves_the_passed_socket(
+    sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        fd = listening.fileno()
+        # What systemd does: the socket at fd 3, and LISTEN_PID naming the process that gets it
+        # ($$ survives the exec). bash, not sh: dash takes single-digit descriptors only.
+        wrapper = f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"'
+        child = children.start(
+            "--web.systemd-socket",
+            "-sockdir",
+            str(sockdir),
+            "--workers",
+            "2",
+            prefix=["bash", "-c", wrapper],
+            pass_fds=[fd],
+        )
+        listening.close()  # from here on only aegis holds the socket
+        assert await scrape(f"http://127.0.0.1:{port}/node") == (200, PAGE)
+        assert await scrape(f"http://127.0.0.1:{port}/node") == (200, PAGE)
+        assert "fd:3" in child.output()
+        assert "31337" not in child.output()  # no default listener beside the passed one
+        assert await child.stop() == 0
+
+
+async def test_systemd_socket_without_systemd_stops_aegis_at_start(
+    sockdir: Path, children: Children
+) -> None:
+    child = children.start("--web.systemd-socket", "-sockdir", str(sockdir))
+    assert await child.wait() == 2
+    assert "--web.systemd-socket: LISTEN_PID does not name this process" in child.output()
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("::1:80", "an IPv6 address goes in brackets"),
+        ("localhost", "is not host:port"),
+        ("unix:", "unix: needs a socket path"),
+    ],
+)
+async def test_bad_listen_address_is_an_error(
+    sockdir: Path, children: Children, address: str, message: str
+) -> None:
+    child = children.start("--web.listen-address", address, "-sockdir", str(sockdir))
+    assert await child.wait() == 2
+    assert message in child.output()
