@@ -221,12 +221,16 @@ def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Se
         stop = asyncio.Event()
         for signum in _STOP_SIGNALS:
             loop.add_signal_handler(signum, stop.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         await stop.wait()
         log.debug("worker %d stopping: finishing in-flight scrapes", os.getpid())
         for server in servers:
             server.close()  # not wait_closed(): that waits for every connection
         await runner.cleanup()
 
+    # A stop signal that comes while the worker starts waits for its handler, rather than
+    # killing the worker half-started (and its supervisor then reporting a failure).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
     return 0
@@ -254,7 +258,7 @@ def _supervise(
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_STOP_SIGNALS})
                 code = _run_worker(app_factory, socks[index], serving)
             except BaseException:
                 log.exception("worker %d failed", index)
