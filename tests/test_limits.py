@@ -12,10 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aegis.limits import Limits
-from aegis.proxy import FAILURE_STATUS
 from aegisrun import Aegis, Children, free_port, needs_aegis
 from aiohttp import web
+
+from aegis.limits import Limits
+from aegis.proxy import FAILURE_STATUS
 from conftest import AegisFactory, Upstreams
 
 PAGE = "up 1\n"

@@ -12,9 +12,12 @@ import aiohttp
 import bcrypt
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from aegis.proxy import Config, make_app
 from aegis.webauth import setup_web_config
 from aegis.webconfig import WebConfig, load_web_config
+from conftest import Upstreams
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -146,3 +149,27 @@ async def test_rate_limit(tmp_path: Path) -> None:
     assert config.rate_limit.interval == 60.0
     async with serve(config) as url:
         assert [(await get(url))[0] for _ in range(3)] == [200, 200, 429]
+
+
+async def test_a_real_upstream_behind_the_proxy_never_sees_the_credentials(
+    tmp_path: Path, sockdir: Path, upstreams: Upstreams
+) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(text="up 1\n")
+
+    await upstreams.http(sockdir / "node.sock", record)
+    app = make_app(Config(sockdir=sockdir))
+    setup_web_config(app, load_web_config(users_yaml(tmp_path)))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        headers = {**basic("alice", "wonderland"), "Accept": "text/plain", "X-Probe": "kept"}
+        response = await client.get("/node", headers=headers)
+        assert (response.status, await response.text()) == (200, "up 1\n")
+        assert response.headers["X-Frame-Options"] == "deny"
+        assert (await client.get("/node")).status == 401  # and no upstream request for it
+    assert len(seen) == 1
+    assert "Authorization" not in seen[0]
+    assert seen[0]["X-Probe"] == "kept"
+    assert seen[0]["Accept"] == "text/plain"

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
 
 from aegis.webauth import setup_web_config
@@ -22,6 +23,7 @@ from aegis.webconfig import (
     load_web_config,
     server_ssl_context,
 )
+from conftest import Upstreams
 
 
 @pytest.fixture
@@ -261,3 +263,53 @@ def test_inline_cert_and_key_and_toolkit_options(certs: Path, ca: trustme.CA) ->
     assert not ctx.options & ssl.OP_CIPHER_SERVER_PREFERENCE
     assert "TLS_AES_128_GCM_SHA256" in {c["name"] for c in ctx.get_ciphers()}
     assert "ECDHE-RSA-AES128-GCM-SHA256" not in {c["name"] for c in ctx.get_ciphers()}
+
+
+@needs_aegis
+async def test_a_bad_file_stops_the_command_at_start_naming_file_and_key(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    children = Children(tmp_path)
+    path = write(tmp_path, "tls_server_config:\n  cert_filse: server.crt\n")
+    try:
+        child = children.start("-sockdir", str(sockdir), "--web.config.file", str(path))
+        assert await child.wait() == 2
+        assert f"{path}: tls_server_config.cert_filse: unknown key" in child.output()
+    finally:
+        await children.close()
+
+
+@needs_aegis
+async def test_the_command_serves_tls_on_tcp_and_unix_listeners(
+    certs: Path, ca: trustme.CA, sockdir: Path, upstreams: Upstreams
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", "up 1\n")
+    children = Children(certs)
+    port, unix = free_port(), certs / "aegis.sock"
+    try:
+        child = children.start(
+            *("-hostport", f"127.0.0.1:{port}", "--web.listen-address", f"unix:{unix}"),
+            *("-sockdir", str(sockdir), "--web.config.file", str(write(certs, TLS))),
+        )
+        await child.ready("127.0.0.1", port)
+        await child.ready(None, unix)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"https://127.0.0.1:{port}/node", ssl=client_ctx(ca)) as resp,
+        ):
+            assert (resp.status, await resp.text()) == (200, "up 1\n")
+        # aiohttp's UnixConnector speaks no TLS: a plain stream does the request by hand.
+        reader, writer = await asyncio.open_unix_connection(
+            str(unix), ssl=client_ctx(ca), server_hostname="127.0.0.1"
+        )
+        writer.write(b"GET /node HTTP/1.1\r\nHost: aegis\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert answer.endswith(b"\r\n\r\nup 1\n")
+        plain = await asyncio.open_connection("127.0.0.1", port)
+        plain[1].write(b"GET /node HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" not in await plain[0].read(100)  # no plain-HTTP way in
+        plain[1].close()
+    finally:
+        await children.close()
