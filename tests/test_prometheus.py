@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes the installed aegis over TLS with basic auth."""
+"""A real Prometheus scrapes the installed aegis over TLS with basic auth, listed by hand and
+discovered through ``/-/sd``."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ async def children(tmp_path: Path) -> AsyncIterator[Children]:
 
 
 async def up_by_name(api: str) -> dict[str, float]:
-    """``up`` per target name, as Prometheus last recorded it."""
+    """``up`` per job and target name, as Prometheus last recorded it."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{api}/api/v1/query", params={"query": "up"}) as resp,
@@ -44,7 +45,10 @@ async def up_by_name(api: str) -> dict[str, float]:
         if resp.status != 200:
             return {}
         body = json.loads(await resp.text())
-    return {r["metric"]["name"]: float(r["value"][1]) for r in body["data"]["result"]}
+    return {
+        f"{r['metric']['job']}/{r['metric']['target']}": float(r["value"][1])
+        for r in body["data"]["result"]
+    }
 
 
 def start_prometheus(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
@@ -79,7 +83,7 @@ async def wait_for_up(
     raise AssertionError(f"up is {last}, expected {want}")
 
 
-async def test_prometheus_scrapes_over_tls_with_basic_auth_and_sees_a_new_socket(
+async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_sees_a_new_socket(
     tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
 ) -> None:
     ca = trustme.CA()
@@ -107,24 +111,41 @@ async def test_prometheus_scrapes_over_tls_with_basic_auth_and_sees_a_new_socket
     def target(name: str) -> str:
         return (
             f"      - targets: ['127.0.0.1:{port}']\n"
-            f"        labels: {{name: {name}, __metrics_path__: /{name}}}\n"
+            f"        labels: {{target: {name}, __metrics_path__: /{name}}}\n"
         )
 
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: aegis\n    scheme: https\n"
+    secure = (
         f"    tls_config:\n      ca_file: {tmp_path / 'ca.crt'}\n"
         "    basic_auth:\n      username: prometheus\n      password: s3cret\n"
-        "    static_configs:\n" + target("alpha") + target("beta")
+    )
+    # Two jobs: "static" lists both names from the start; "sd" finds them through /-/sd, asked
+    # over the same TLS with the same credentials.
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: static\n    scheme: https\n"
+        + secure
+        + "    static_configs:\n"
+        + target("alpha")
+        + target("beta")
+        + "  - job_name: sd\n    scheme: https\n"
+        + secure
+        + "    http_sd_configs:\n"
+        + f"      - url: https://127.0.0.1:{port}/-/sd\n        refresh_interval: 1s\n"
+        + secure.replace("    ", "        ")
     )
     api_port = free_port()
     prometheus = start_prometheus(tmp_path, api_port)
     api = f"http://127.0.0.1:{api_port}"
     try:
-        # beta's socket does not exist yet: Aegis answers 404, so Prometheus records it down.
-        await wait_for_up(api, {"alpha": 1.0, "beta": 0.0}, prometheus)
+        # beta's socket does not exist yet: Aegis answers 404, so the static job records it
+        # down, and discovery does not list it at all.
+        await wait_for_up(
+            api, {"static/alpha": 1.0, "static/beta": 0.0, "sd/alpha": 1.0}, prometheus
+        )
         await upstreams.metrics(sockdir / "beta.sock", "beta_up 1\n")
-        await wait_for_up(api, {"alpha": 1.0, "beta": 1.0}, prometheus)
+        everything_up = {"static/alpha": 1.0, "static/beta": 1.0, "sd/alpha": 1.0, "sd/beta": 1.0}
+        await wait_for_up(api, everything_up, prometheus)
     except AssertionError as exc:
         raise AssertionError(
             f"{exc}\nprometheus:\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}"
