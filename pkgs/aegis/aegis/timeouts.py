@@ -71,6 +71,11 @@ class HeadTimeout(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._timer is None:
+            if data.endswith(_END_OF_HEAD):
+                # The usual scrape: a whole request in one read. Nothing is left pending, so
+                # there is no deadline to set and cancel.
+                self._inner.data_received(data)
+                return
             self._arm()  # the first byte of a new request
         seen = self._tail + data if self._tail else data
         end = seen.rfind(_END_OF_HEAD)
