@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pytest
+from aegisrun import Children
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
@@ -125,58 +121,9 @@ async def raw_http(port: int, request: bytes, *, wait: float = 10.0) -> bytes:
         writer.close()
 
 
-def free_port() -> int:
-    """A port the kernel just handed out: outside any fixed range a retrying client might
-    self-connect on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class AegisProcess:
-    process: asyncio.subprocess.Process
-    port: int
-    #: Everything the process logged, once it has exited.
-    log: str = field(default="")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@contextlib.asynccontextmanager
-async def aegis_process(*args: str, wrapper: tuple[str, ...] = ()) -> AsyncIterator[AegisProcess]:
-    """The installed ``aegis`` on a free loopback port, answering before the body runs, and
-    terminated after it. Skips the test when aegis is not installed."""
-    executable = shutil.which("aegis")
-    if executable is None:
-        pytest.skip("the aegis executable is not installed (pip install ./pkgs/aegis)")
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        *wrapper,
-        executable,
-        "-hostport",
-        f"127.0.0.1:{port}",
-        *args,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    started = AegisProcess(process, port)
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(150):
-                try:
-                    async with session.get(f"{started.url}/-not-a-name-"):
-                        break
-                except aiohttp.ClientConnectionError:
-                    if process.returncode is not None:
-                        break
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("aegis did not start listening within 15 s")
-        yield started
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        _, stderr = await asyncio.wait_for(process.communicate(), 20)
-        started.log = stderr.decode()
+@pytest.fixture
+async def children(tmp_path: Path) -> AsyncIterator[Children]:
+    """The installed ``aegis`` as child processes, all stopped when the test ends."""
+    started = Children(tmp_path)
+    yield started
+    await started.close()

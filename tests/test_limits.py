@@ -7,7 +7,6 @@ import contextlib
 import os
 import resource
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -121,13 +120,6 @@ def test_limits_count_per_target_and_forget_idle_names() -> None:
 
 
 # --- the installed command under a burst and under a slowloris ---
-
-
-@pytest.fixture
-async def children(tmp_path: Path) -> AsyncIterator[Children]:
-    started = Children(tmp_path)
-    yield started
-    await started.close()
 
 
 def open_fds(pid: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -25,13 +24,6 @@ def has_ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
-
-
-@pytest.fixture
-async def children(tmp_path: Path) -> AsyncIterator[Children]:
-    started = Children(tmp_path)
-    yield started
-    await started.close()
 
 
 async def scrape(url: str, unix: Path | None = None) -> tuple[int, str]:

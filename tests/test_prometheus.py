@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -27,13 +26,6 @@ pytestmark = [
         reason="prometheus is not installed (Debian: apt-get install prometheus)",
     ),
 ]
-
-
-@pytest.fixture
-async def children(tmp_path: Path) -> AsyncIterator[Children]:
-    started = Children(tmp_path)
-    yield started
-    await started.close()
 
 
 async def up_by_name(api: str) -> dict[str, float]:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
 
 from aegis.proxy import Config, deadline, make_app
-from conftest import AegisFactory, Upstreams, aegis_process, raw_http
+from conftest import AegisFactory, Upstreams, raw_http
 
 PAGE = "# TYPE up gauge\nup 1\n"
 
@@ -359,21 +360,32 @@ async def test_library_mounts_as_a_subapp(upstreams: Upstreams, sockdir: Path) -
         assert (await client.get("/aegis/nope")).status == 404
 
 
+@needs_aegis
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop CAP_DAC_OVERRIDE")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 async def test_permission_denied_is_502_and_the_log_names_file_and_group(
-    upstreams: Upstreams, sockdir: Path
+    upstreams: Upstreams, sockdir: Path, children: Children
 ) -> None:
     """A real Aegis meets a socket it may not connect to. Root ignores file modes, so Aegis runs
     as root without CAP_DAC_OVERRIDE: then a mode-0000 socket refuses it like any user."""
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     os.chmod(sockdir / "svc.sock", 0)
-    wrapper = ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
+    port = free_port()
+    aegis = children.start(
+        "--workers",
+        "1",
+        "-hostport",
+        f"127.0.0.1:{port}",
+        "-sockdir",
+        str(sockdir),
+        prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
+    )
+    await aegis.ready("127.0.0.1", port)
     async with (
-        aegis_process("--workers", "1", "-sockdir", str(sockdir), wrapper=wrapper) as aegis,
         aiohttp.ClientSession() as session,
-        session.get(f"{aegis.url}/svc") as response,
+        session.get(f"http://127.0.0.1:{port}/svc") as response,
     ):
         assert (response.status, await response.text()) == (502, "permission denied\n")
-    assert f"{sockdir / 'svc.sock'} is root:root mode 0000" in aegis.log
-    assert "aegis runs as root in groups root" in aegis.log
+    assert await aegis.stop() == 0
+    assert f"{sockdir / 'svc.sock'} is root:root mode 0000" in aegis.output()
+    assert "aegis runs as root in groups root" in aegis.output()

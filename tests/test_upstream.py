@@ -7,9 +7,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
 
-from conftest import AegisFactory, Upstreams, aegis_process
+from conftest import AegisFactory, Upstreams
 
 
 class KeepAliveService:
@@ -160,8 +161,9 @@ def _status_kib(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
+@needs_aegis
 async def test_memory_stays_flat_while_a_100_mb_page_passes(
-    upstreams: Upstreams, sockdir: Path
+    upstreams: Upstreams, sockdir: Path, children: Children
 ) -> None:
     chunk = b"x" * 65535 + b"\n"
     count = 1600  # 100 MiB
@@ -177,19 +179,21 @@ async def test_memory_stays_flat_while_a_100_mb_page_passes(
 
     await upstreams.http(sockdir / "big.sock", huge)
     received = 0
-    async with (
-        aegis_process("--workers", "1", "-sockdir", str(sockdir)) as aegis,
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
-    ):
-        baseline = _status_kib(aegis.process.pid, "VmRSS")
-        async with session.get(f"{aegis.url}/big") as response:
+    port = free_port()
+    aegis = children.start(
+        "--workers", "1", "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)
+    )
+    await aegis.ready("127.0.0.1", port)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        baseline = _status_kib(aegis.pid, "VmRSS")
+        async with session.get(f"http://127.0.0.1:{port}/big") as response:
             assert response.status == 200
             async for piece in response.content.iter_chunked(1 << 20):
                 received += len(piece)
                 # A scraper slower than the service: without back-pressure the difference
                 # would pile up inside Aegis.
                 await asyncio.sleep(0.01)
-        peak = _status_kib(aegis.process.pid, "VmHWM")
+        peak = _status_kib(aegis.pid, "VmHWM")
     assert received == len(chunk) * count
     # 100 MiB went through; the process grew by a small buffer's worth, not by the page.
     assert peak - baseline < 24 * 1024, f"peak RSS grew by {peak - baseline} KiB"
