@@ -252,6 +252,10 @@ def _supervise(
 ) -> int:
     watched = {signal.SIGCHLD, *_STOP_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    # What the parent imported is shared with every worker until someone writes to it; the
+    # collector's bookkeeping is such a write, so the start-up objects are kept out of its way.
+    gc.collect()
+    gc.freeze()
 
     def spawn(index: int) -> int:
         pid = os.fork()
