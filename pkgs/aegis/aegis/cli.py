@@ -30,7 +30,7 @@ from .server import (
     socket_files,
     systemd_listeners,
 )
-from .targets import Target
+from .targets import Target, check_name
 from .webauth import setup_web_config
 from .webconfig import WebConfig, WebConfigError, load_web_config, server_ssl_context
 
@@ -70,6 +70,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _listener(text: str) -> Listener:
+    try:
+        return Listener.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _target(text: str) -> Target:
     """``NAME=SOCKET`` or ``NAME=SOCKET,path=/upstream/path``."""
     name, sep, rest = text.partition("=")
@@ -82,6 +89,10 @@ def _target(text: str) -> Target:
         if key != "path" or not sep:
             raise argparse.ArgumentTypeError(f"{text!r}: the only option is path=/upstream/path")
         path = value
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{name!r}: {exc}") from None
     try:
         return Target(name, Path(socket), path)
     except ValueError as exc:
@@ -100,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hostport",
         metavar="HOST:PORT",
         action="append",
+        type=_listener,
         dest="listen",
         help="the original's name for --web.listen-address",
     )
@@ -107,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.listen-address",
         metavar="ADDRESS",
         action="append",
+        type=_listener,
         dest="listen",
         help="where to listen: TCP host:port (IPv6 in brackets, [::]:PORT is every address) or "
         f"unix:/path; repeatable (default: {DEFAULT_HOSTPORT})",
@@ -260,10 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_concurrent_per_target=args.max_concurrent_per_target,
         )
         web_config = load_web_config(args.web_config) if args.web_config else None
-        listeners = [Listener.parse(text) for text in args.listen or [DEFAULT_HOSTPORT]]
+        listeners: list[Listener] = args.listen or [Listener.parse(DEFAULT_HOSTPORT)]
         if args.systemd_socket:
-            listeners = [Listener.parse(text) for text in args.listen or []]
-            listeners += systemd_listeners()
+            listeners = [*(args.listen or []), *systemd_listeners()]
     except (ConfigError, ValueError, WebConfigError) as exc:
         parser.error(str(exc))
     serving = Serving(
