@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         socks = bind(listeners, args.workers)
     except OSError as exc:
-        log.error("cannot listen: %s", exc)
+        log.error("cannot listen on %s", exc.strerror or exc)
         return 1
     files = socket_files(listeners)
     try:

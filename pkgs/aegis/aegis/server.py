@@ -87,25 +87,35 @@ def systemd_listeners() -> list[Listener]:
 
 
 def bind(listeners: Sequence[Listener], workers: int) -> list[list[socket.socket]]:
-    """The listening sockets of each worker (index = worker)."""
+    """The listening sockets of each worker (index = worker).
+
+    An ``OSError`` names the listener that failed: "address in use" alone does not say which.
+    """
     per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
     for listener in listeners:
-        if listener.fd >= 0:
-            shared = socket.socket(fileno=listener.fd)
-            shared.setblocking(False)
-            for socks in per_worker:
-                socks.append(shared)
-        elif listener.unix_path:
-            shared = _bind_unix(listener.unix_path)
-            for socks in per_worker:
-                socks.append(shared)
-        else:
-            port = listener.port
-            for socks in per_worker:
-                sock = _bind_tcp(listener.host, port, reuse_port=workers > 1)
-                port = sock.getsockname()[1]  # with port 0, the others join the one picked
-                socks.append(sock)
+        try:
+            _bind_one(listener, per_worker)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{listener}: {exc.strerror or exc}") from exc
     return per_worker
+
+
+def _bind_one(listener: Listener, per_worker: list[list[socket.socket]]) -> None:
+    if listener.fd >= 0:
+        shared = socket.socket(fileno=listener.fd)
+        shared.setblocking(False)
+        for socks in per_worker:
+            socks.append(shared)
+    elif listener.unix_path:
+        shared = _bind_unix(listener.unix_path)
+        for socks in per_worker:
+            socks.append(shared)
+    else:
+        port = listener.port
+        for socks in per_worker:
+            sock = _bind_tcp(listener.host, port, reuse_port=len(per_worker) > 1)
+            port = sock.getsockname()[1]  # with port 0, the others join the one picked
+            socks.append(sock)
 
 
 def _bind_tcp(host: str, port: int, *, reuse_port: bool) -> socket.socket:
