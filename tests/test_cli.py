@@ -1,0 +1,184 @@
+"""The installed ``aegis`` command, run as a user runs it: flags, help, errors, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from processes import (
+    AEGIS,
+    SKIP_NO_AEGIS,
+    Processes,
+    child_env,
+    children,
+    free_port,
+    has_ipv6_loopback,
+    wait_listening,
+)
+
+pytestmark = pytest.mark.skipif(AEGIS is None, reason=SKIP_NO_AEGIS)
+
+TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+async def get(url: str) -> tuple[int, str]:
+    """One GET on a fresh connection, so each lands wherever the kernel puts it."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session,
+        session.get(url) as response,
+    ):
+        return response.status, await response.text()
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    assert AEGIS is not None
+    return subprocess.run(
+        [AEGIS, *args], capture_output=True, text=True, env=child_env(), timeout=60, check=False
+    )
+
+
+# Every spelling the Go original (flag package) and its NixOS unit accept.
+SPELLINGS = [
+    pytest.param(["-hostport", "{hp}", "-sockdir", "{sd}"], id="-flag value"),
+    pytest.param(["-hostport={hp}", "-sockdir={sd}"], id="-flag=value"),
+    pytest.param(["--hostport", "{hp}", "--sockdir", "{sd}"], id="--flag value"),
+    pytest.param(["--hostport={hp}", "--sockdir={sd}"], id="--flag=value"),
+]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+async def test_every_flag_spelling_listens_and_serves_the_sockdir(
+    spelling, procs, upstreams, tmp_path
+):
+    sockdir = tmp_path / "elsewhere"
+    sockdir.mkdir()
+    await upstreams.metrics(sockdir / "svc.sock", "spelling_value 7\n")
+    port = free_port()
+    hostport = f"127.0.0.1:{port}"
+    args = [part.format(hp=hostport, sd=sockdir) for part in spelling]
+    aegis = procs.aegis(*args, "--workers", "1")
+    await wait_listening("127.0.0.1", port, aegis)
+
+    assert await get(f"http://{hostport}/svc") == (200, "spelling_value 7\n")
+    assert await get(f"http://{hostport}/absent") == (404, "no such target\n")
+    # The Go original logs "HOSTPORT -> SOCKDIR" at start; ours says the same.
+    assert f"{hostport} -> {sockdir}" in aegis.output()
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+async def test_ipv6_hostport_in_brackets(procs, upstreams, sockdir):
+    await upstreams.metrics(sockdir / "svc.sock", "six_value 6\n")
+    port = free_port("::1")
+    aegis = procs.aegis("-hostport", f"[::1]:{port}", "-sockdir", str(sockdir), "--workers", "1")
+    await wait_listening("::1", port, aegis)
+
+    assert await get(f"http://[::1]:{port}/svc") == (200, "six_value 6\n")
+    assert f"[::1]:{port} -> {sockdir}" in aegis.output()
+
+
+def test_help_shows_both_defaults():
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    assert "-hostport HOST:PORT" in done.stdout
+    assert "-sockdir DIR" in done.stdout
+    assert "[::]:31337" in done.stdout
+    assert "./run" in done.stdout
+
+
+def test_python_dash_m_aegis_is_the_same_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "aegis", "--help"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: aegis ")
+    assert "[::]:31337" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "value"),
+    [
+        (["-hostport", "nonsense"], "-hostport", "nonsense"),
+        (["--hostport=::1:80"], "-hostport", "::1:80"),
+        (["-hostport", "127.0.0.1:99999"], "-hostport", "99999"),
+        (["--workers", "0"], "--workers", "'0'"),
+        (["--workers", "two"], "--workers", "two"),
+        (["--target", "bad"], "--target", "bad"),
+        (["--target", "../x=/run/x.sock"], "--target", "../x"),
+        (["--scrape.timeout", "soon"], "--scrape.timeout", "soon"),
+        (["--log.level", "loud"], "--log.level", "loud"),
+        (["--no-such-flag"], "--no-such-flag", ""),
+    ],
+)
+def test_a_bad_flag_value_exits_2_naming_the_flag(args, flag, value):
+    done = run(*args)
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("aegis: error: "), done.stderr
+    assert flag in error
+    assert value in error
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_exits_1_naming_the_address(workers):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run("-hostport", f"127.0.0.1:{port}", "--workers", workers)
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_two_workers_share_the_port_and_both_answer(procs, upstreams, sockdir):
+    # The upstream asks the kernel who is calling (SO_PEERCRED): that is the worker's pid.
+    callers: list[int] = []
+    creds = struct.Struct("3i")
+
+    async def handler(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        pid, _, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+        callers.append(pid)
+        return web.Response(text="shared_value 2\n")
+
+    await upstreams.http(sockdir / "svc.sock", handler)
+    port = free_port()
+    aegis = procs.aegis(
+        "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"
+    )
+    await wait_listening("127.0.0.1", port, aegis)
+    out = await aegis.wait_for_output("2 workers: ")
+    workers = children(aegis.pid)
+    assert len(workers) == 2, out
+    assert f"2 workers: {workers[0]} {workers[1]}" in out
+
+    # Fresh connections are spread by the kernel (SO_REUSEPORT hashes each connection): with
+    # 40 of them, the chance that one worker gets none is 2**-39.
+    answers = await asyncio.gather(*(get(f"http://127.0.0.1:{port}/svc") for _ in range(40)))
+    assert answers == [(200, "shared_value 2\n")] * 40
+    assert set(callers) == set(workers)
