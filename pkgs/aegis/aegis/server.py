@@ -273,6 +273,11 @@ def _supervise(
             code = 1
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_STOP_SIGNALS})
+                # Other workers' sockets came along with the fork; kept, they would hold the
+                # port open while this worker finishes its scrapes after SIGTERM.
+                for sock in {sock for per_worker in socks for sock in per_worker}:
+                    if sock not in socks[index]:
+                        sock.close()
                 code = _run_worker(app_factory, socks[index], serving)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -292,6 +297,10 @@ def _supervise(
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
+            # The parent's copies keep each port listening after the workers closed theirs:
+            # new connections would queue for nobody and be reset at exit instead of refused.
+            for sock in {sock for per_worker in socks for sock in per_worker}:
+                sock.close()
         while workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
