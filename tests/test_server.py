@@ -1,0 +1,189 @@
+"""Running Aegis as a process: listener syntax, graceful stop, and a supervisor that restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aegis.server import Listener
+from processes import AEGIS, SKIP_NO_AEGIS, Process, Processes, children, free_port, wait_listening
+
+needs_aegis = pytest.mark.skipif(AEGIS is None, reason=SKIP_NO_AEGIS)
+
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "shown"),
+    [
+        ("127.0.0.1:31337", Listener(host="127.0.0.1", port=31337), "127.0.0.1:31337"),
+        ("localhost:0", Listener(host="localhost", port=0), "localhost:0"),
+        ("[::1]:9100", Listener(host="::1", port=9100), "[::1]:9100"),
+        ("[::]:31337", Listener(host="::", port=31337), "[::]:31337"),
+        (":9100", Listener(host="", port=9100), ":9100"),
+        ("unix:/run/aegis.sock", Listener(unix_path="/run/aegis.sock"), "unix:/run/aegis.sock"),
+    ],
+)
+def test_listener_parse_accepts(text, expected, shown):
+    parsed = Listener.parse(text)
+    assert parsed == expected
+    assert str(parsed) == shown
+    assert Listener.parse(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nonsense", "'nonsense' is not host:port (IPv6 in brackets: [::1]:31337)"),
+        ("127.0.0.1", "'127.0.0.1' is not host:port"),
+        ("127.0.0.1:", "'127.0.0.1:' is not host:port"),
+        ("127.0.0.1:http", "'127.0.0.1:http' is not host:port"),
+        ("127.0.0.1:-1", "'127.0.0.1:-1' is not host:port"),
+        ("127.0.0.1:65536", "'127.0.0.1:65536' is not host:port"),
+        ("", "'' is not host:port"),
+        ("::1:80", "'::1:80': an IPv6 address goes in brackets, like [::1]:31337"),
+        ("[::1:80", "'[::1:80': an IPv6 address goes in brackets"),
+        ("unix:", "'unix:': unix: needs a socket path"),
+    ],
+)
+def test_listener_parse_rejects_naming_the_text(text, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        Listener.parse(text)
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+FIRST = b"# HELP slow_value A page that arrives in two parts.\n# TYPE slow_value gauge\n"
+REST = b"".join(b'slow_value{part="%d"} %d\n' % (i, i) for i in range(2000))
+
+
+class SlowUpstream:
+    """Sends the head and the first part at once, the rest only when the test says so."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % (
+            len(FIRST) + len(REST)
+        )
+        writer.write(head + FIRST)
+        await writer.drain()
+        self.asked.set()
+        await asyncio.wait_for(self.release.wait(), 60)
+        writer.write(REST)
+        await writer.drain()
+        writer.close()
+
+
+async def scrape(url: str) -> tuple[int, bytes]:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session,
+        session.get(url) as response,
+    ):
+        return response.status, await response.read()
+
+
+async def wait_refused(port: int, within: float = 20.0) -> None:
+    """Until connecting to the port is refused: nothing listens there any more."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        assert time.monotonic() < deadline, f"port {port} still accepts {within} s after the signal"
+        await asyncio.sleep(0.05)
+
+
+async def start_aegis(procs: Processes, sockdir: Path, workers: int) -> tuple[Process, int]:
+    port = free_port()
+    aegis = procs.aegis(
+        "-hostport",
+        f"127.0.0.1:{port}",
+        "-sockdir",
+        str(sockdir),
+        "--workers",
+        str(workers),
+        "--shutdown.grace-period",
+        "30s",
+    )
+    await wait_listening("127.0.0.1", port, aegis)
+    if workers > 1:
+        await aegis.wait_for_output(f"{workers} workers: ")
+    return aegis, port
+
+
+@needs_aegis
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
+    workers, signum, procs, upstreams, sockdir
+):
+    upstream = SlowUpstream()
+    await upstreams.raw(sockdir / "slow.sock", upstream)
+    aegis, port = await start_aegis(procs, sockdir, workers)
+
+    in_flight = asyncio.create_task(scrape(f"http://127.0.0.1:{port}/slow"))
+    await asyncio.wait_for(upstream.asked.wait(), 20)
+    aegis.signal(signum)
+    # The upstream holds the rest of the page until no new connection can get in.
+    await wait_refused(port)
+    upstream.release.set()
+
+    assert await in_flight == (200, FIRST + REST)
+    assert await aegis.wait(within=30) == 0, aegis.output()
+    assert "Traceback" not in aegis.output()
+
+
+@needs_aegis
+async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
+    procs, upstreams, sockdir
+):
+    await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
+    aegis, port = await start_aegis(procs, sockdir, workers=2)
+    before = children(aegis.pid)
+    assert len(before) == 2, aegis.output()
+
+    os.kill(before[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(after := children(aegis.pid)) != 2 or before[0] in after:
+        assert time.monotonic() < deadline, f"no replacement worker; output:\n{aegis.output()}"
+        await asyncio.sleep(0.1)
+    assert before[1] in after
+    assert f"(pid {before[0]}) exited with -9; starting a new one" in aegis.output()
+
+    answers = await asyncio.gather(*(scrape(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
+    assert answers == [(200, b"alive_value 1\n")] * 20
+    aegis.signal(signal.SIGTERM)
+    assert await aegis.wait(within=30) == 0, aegis.output()
+
+
+@needs_aegis
+@pytest.mark.parametrize("attempt", range(3))
+async def test_a_stop_right_after_start_is_a_clean_exit(attempt, procs, sockdir):
+    # Workers that have not yet installed their handlers must not die of the signal.
+    aegis = procs.aegis(
+        "-hostport", f"127.0.0.1:{free_port()}", "-sockdir", str(sockdir), "--workers", "2"
+    )
+    await aegis.wait_for_output("2 workers: ")
+    aegis.signal(signal.SIGTERM)
+    assert await aegis.wait(within=30) == 0, aegis.output()
