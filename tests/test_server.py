@@ -12,8 +12,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aegis.server import Listener
 from processes import AEGIS, SKIP_NO_AEGIS, Process, Processes, children, free_port, wait_listening
+
+from aegis.server import Listener
 
 needs_aegis = pytest.mark.skipif(AEGIS is None, reason=SKIP_NO_AEGIS)
 
