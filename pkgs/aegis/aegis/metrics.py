@@ -45,6 +45,15 @@ __all__ = ["ProxyMetrics", "serve_metrics"]
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class _WorkersCollector(MultiProcessCollector):
+    """Described as nothing, so registering it reads no files: with ``auto_describe`` the
+    registry would collect at once, while another worker may just have created its file empty,
+    and the struct error kills this worker at start."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
 class ProxyMetrics:
     """The proxy's counters, with label children cached so a request costs a dict lookup each."""
 
@@ -65,7 +74,7 @@ class ProxyMetrics:
                     "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before "
                     "prometheus_client is imported (see aegis.multiproc)"
                 )
-            MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+            registry.register(_WorkersCollector(None, path=str(multiprocess_dir)))  # type: ignore[no-untyped-call]
             own = None
         self._requests = Counter(
             "aegis_requests",
