@@ -172,10 +172,10 @@ async def test_two_workers_share_the_port_and_both_answer(procs, upstreams, sock
         "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"
     )
     await wait_listening("127.0.0.1", port, aegis)
-    out = await aegis.wait_for_output("2 workers: ")
+    await aegis.wait_for_output("2 workers: ")
     workers = children(aegis.pid)
-    assert len(workers) == 2, out
-    assert f"2 workers: {workers[0]} {workers[1]}" in out
+    assert len(workers) == 2, f"workers: {workers}\n{aegis.output()}"
+    assert f"2 workers: {workers[0]} {workers[1]}" in aegis.output()
 
     # Fresh connections are spread by the kernel (SO_REUSEPORT hashes each connection): with
     # 40 of them, the chance that one worker gets none is 2**-39.
