@@ -83,6 +83,17 @@ class Aegis:
             await writer.wait_closed()
             return
 
+    async def wait_for_output(self, text: str, within: float = 15.0) -> str:
+        """Until ``text`` is in the output, e.g. the supervisor's "2 workers: " line."""
+        deadline = time.monotonic() + within
+        while text not in (out := self.output()):
+            if self.popen.poll() is not None:
+                raise AssertionError(f"aegis exited before logging {text!r}:\n{out}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"aegis did not log {text!r} within {within} s:\n{out}")
+            await asyncio.sleep(0.05)
+        return out
+
     async def wait(self, within: float = 15.0) -> int:
         deadline = time.monotonic() + within
         while (code := self.popen.poll()) is None:
@@ -100,6 +111,23 @@ class Aegis:
             if self.popen.poll() is None:
                 self.popen.kill()
                 self.popen.wait(5)
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid``, from /proc (no CONFIG_PROC_CHILDREN needed)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after it.
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 class Children:

@@ -7,35 +7,24 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
+from aegisrun import AEGIS, child_env, free_port, needs_aegis, worker_pids
 from aiohttp import web
-from processes import (
-    AEGIS,
-    SKIP_NO_AEGIS,
-    Processes,
-    child_env,
-    children,
-    free_port,
-    has_ipv6_loopback,
-    wait_listening,
-)
 
-pytestmark = pytest.mark.skipif(AEGIS is None, reason=SKIP_NO_AEGIS)
+pytestmark = needs_aegis
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
-    started = Processes(tmp_path)
+def has_ipv6_loopback() -> bool:
     try:
-        yield started
-    finally:
-        await started.close()
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 async def get(url: str) -> tuple[int, str]:
@@ -66,7 +55,7 @@ SPELLINGS = [
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
 async def test_every_flag_spelling_listens_and_serves_the_sockdir(
-    spelling, procs, upstreams, tmp_path
+    spelling, children, upstreams, tmp_path
 ):
     sockdir = tmp_path / "elsewhere"
     sockdir.mkdir()
@@ -74,8 +63,8 @@ async def test_every_flag_spelling_listens_and_serves_the_sockdir(
     port = free_port()
     hostport = f"127.0.0.1:{port}"
     args = [part.format(hp=hostport, sd=sockdir) for part in spelling]
-    aegis = procs.aegis(*args, "--workers", "1")
-    await wait_listening("127.0.0.1", port, aegis)
+    aegis = children.start(*args, "--workers", "1")
+    await aegis.ready("127.0.0.1", port)
 
     assert await get(f"http://{hostport}/svc") == (200, "spelling_value 7\n")
     assert await get(f"http://{hostport}/absent") == (404, "no such target\n")
@@ -84,11 +73,11 @@ async def test_every_flag_spelling_listens_and_serves_the_sockdir(
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
-async def test_ipv6_hostport_in_brackets(procs, upstreams, sockdir):
+async def test_ipv6_hostport_in_brackets(children, upstreams, sockdir):
     await upstreams.metrics(sockdir / "svc.sock", "six_value 6\n")
     port = free_port("::1")
-    aegis = procs.aegis("-hostport", f"[::1]:{port}", "-sockdir", str(sockdir), "--workers", "1")
-    await wait_listening("::1", port, aegis)
+    aegis = children.start("-hostport", f"[::1]:{port}", "-sockdir", str(sockdir), "--workers", "1")
+    await aegis.ready("::1", port)
 
     assert await get(f"http://[::1]:{port}/svc") == (200, "six_value 6\n")
     assert f"[::1]:{port} -> {sockdir}" in aegis.output()
@@ -154,7 +143,7 @@ def test_a_port_in_use_exits_1_naming_the_address(workers):
     assert "Traceback" not in done.stderr
 
 
-async def test_two_workers_share_the_port_and_both_answer(procs, upstreams, sockdir):
+async def test_two_workers_share_the_port_and_both_answer(children, upstreams, sockdir):
     # The upstream asks the kernel who is calling (SO_PEERCRED): that is the worker's pid.
     callers: list[int] = []
     creds = struct.Struct("3i")
@@ -168,12 +157,12 @@ async def test_two_workers_share_the_port_and_both_answer(procs, upstreams, sock
 
     await upstreams.http(sockdir / "svc.sock", handler)
     port = free_port()
-    aegis = procs.aegis(
+    aegis = children.start(
         "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"
     )
-    await wait_listening("127.0.0.1", port, aegis)
+    await aegis.ready("127.0.0.1", port)
     await aegis.wait_for_output("2 workers: ")
-    workers = children(aegis.pid)
+    workers = worker_pids(aegis.pid)
     assert len(workers) == 2, f"workers: {workers}\n{aegis.output()}"
     assert f"2 workers: {workers[0]} {workers[1]}" in aegis.output()
 

@@ -7,20 +7,20 @@ import gzip
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aegisrun import child_env, free_port, needs_aegis
 from aiohttp import web
-from processes import AEGIS, SKIP_NO_AEGIS, Process, Processes, free_port, wait_listening
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 
 pytestmark = [
-    pytest.mark.skipif(AEGIS is None, reason=SKIP_NO_AEGIS),
+    needs_aegis,
     pytest.mark.skipif(
         PROMETHEUS is None or PROMTOOL is None,
         reason="prometheus and promtool are not on PATH (Debian package 'prometheus')",
@@ -74,13 +74,58 @@ class Service:
         return web.Response(body=body, headers=headers)
 
 
+class Prometheus:
+    """A Prometheus server on a free loopback port, storing under ``tmp_path``."""
+
+    def __init__(self, tmp_path: Path, config: str) -> None:
+        assert PROMETHEUS is not None
+        config_file = tmp_path / "prometheus.yml"
+        config_file.write_text(config)
+        self.api = f"http://127.0.0.1:{free_port()}"
+        self.log = tmp_path / "prometheus.log"
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address={self.api.removeprefix('http://')}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def stop(self) -> None:
+        """Terminate, wait, kill on timeout."""
+        self.popen.terminate()
+        deadline = time.monotonic() + 15
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                self.popen.kill()
+                self.popen.wait(10)
+                break
+            await asyncio.sleep(0.05)
+
+
 @pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
-    started = Processes(tmp_path)
+async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Prometheus]]:
+    """``prometheus(config_text)`` starts one; it is stopped when the test ends."""
+    started: list[Prometheus] = []
+
+    def start(config: str) -> Prometheus:
+        started.append(Prometheus(tmp_path, config))
+        return started[-1]
+
     try:
-        yield started
+        yield start
     finally:
-        await started.close()
+        for server in started:
+            await server.stop()
 
 
 def prometheus_config(aegis_port: int, names: list[str]) -> str:
@@ -109,15 +154,22 @@ async def query(session: aiohttp.ClientSession, api: str, expr: str) -> list[dic
 
 
 async def wait_all_up(
-    session: aiohttp.ClientSession, api: str, jobs: set[str], prometheus: Process
+    session: aiohttp.ClientSession, api: str, jobs: set[str], prometheus: Prometheus
 ) -> None:
     """Until ``up == 1`` for every job, polling the HTTP API for at most a minute."""
     deadline = time.monotonic() + 60
+    # The API is asked only once Prometheus listens: a client retrying a port from the
+    # ephemeral range while nothing listens there can be handed it as its own source port.
+    while "Server is ready to receive web requests" not in prometheus.output():
+        if prometheus.popen.poll() is not None:
+            raise AssertionError(f"prometheus exited:\n{prometheus.output()}")
+        assert time.monotonic() < deadline, f"prometheus not ready in 60 s:\n{prometheus.output()}"
+        await asyncio.sleep(0.05)
     seen: object = "nothing yet"
     while True:
         try:
             result = await query(session, api, "up")
-        except (aiohttp.ClientError, ValueError) as exc:  # not listening or not ready yet
+        except (aiohttp.ClientError, ValueError) as exc:  # not answering queries yet
             seen = exc
         else:
             seen = result
@@ -143,34 +195,25 @@ async def promtool_check(page: bytes) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-async def test_prometheus_scrapes_two_sockets_through_aegis(procs, upstreams, sockdir, tmp_path):
+async def test_prometheus_scrapes_two_sockets_through_aegis(
+    children, prometheus, upstreams, sockdir
+):
     alpha = Service(ALPHA, gzip=True)
     beta = Service(BETA, gzip=False)
     await upstreams.http(sockdir / "alpha.sock", alpha)
     await upstreams.http(sockdir / "beta.sock", beta)
 
     aegis_port = free_port()
-    aegis = procs.aegis(
+    aegis = children.start(
         "-hostport", f"127.0.0.1:{aegis_port}", "-sockdir", str(sockdir), "--workers", "1"
     )
-    await wait_listening("127.0.0.1", aegis_port, aegis)
+    await aegis.ready("127.0.0.1", aegis_port)
 
-    config = tmp_path / "prometheus.yml"
-    config.write_text(prometheus_config(aegis_port, ["alpha", "beta"]))
-    web_port = free_port()
-    assert PROMETHEUS is not None
-    prometheus = procs.start(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ]
-    )
-    api = f"http://127.0.0.1:{web_port}"
+    server = prometheus(prometheus_config(aegis_port, ["alpha", "beta"]))
+    api = server.api
 
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        await wait_all_up(session, api, {"alpha", "beta"}, prometheus)
+        await wait_all_up(session, api, {"alpha", "beta"}, server)
 
         async def value(expr: str) -> dict[str, str]:
             """Each series' value by job, e.g. {"alpha": "42"}."""

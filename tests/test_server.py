@@ -7,16 +7,13 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from processes import AEGIS, SKIP_NO_AEGIS, Process, Processes, children, free_port, wait_listening
+from aegisrun import Aegis, Children, free_port, needs_aegis, worker_pids
 
 from aegis.server import Listener
-
-needs_aegis = pytest.mark.skipif(AEGIS is None, reason=SKIP_NO_AEGIS)
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -57,15 +54,6 @@ def test_listener_parse_accepts(text, expected, shown):
 def test_listener_parse_rejects_naming_the_text(text, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         Listener.parse(text)
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 FIRST = b"# HELP slow_value A page that arrives in two parts.\n# TYPE slow_value gauge\n"
@@ -115,9 +103,9 @@ async def wait_refused(port: int, within: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def start_aegis(procs: Processes, sockdir: Path, workers: int) -> tuple[Process, int]:
+async def start_aegis(children: Children, sockdir: Path, workers: int) -> tuple[Aegis, int]:
     port = free_port()
-    aegis = procs.aegis(
+    aegis = children.start(
         "-hostport",
         f"127.0.0.1:{port}",
         "-sockdir",
@@ -127,7 +115,7 @@ async def start_aegis(procs: Processes, sockdir: Path, workers: int) -> tuple[Pr
         "--shutdown.grace-period",
         "30s",
     )
-    await wait_listening("127.0.0.1", port, aegis)
+    await aegis.ready("127.0.0.1", port)
     if workers > 1:
         await aegis.wait_for_output(f"{workers} workers: ")
     return aegis, port
@@ -137,15 +125,15 @@ async def start_aegis(procs: Processes, sockdir: Path, workers: int) -> tuple[Pr
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
-    workers, signum, procs, upstreams, sockdir
+    workers, signum, children, upstreams, sockdir
 ):
     upstream = SlowUpstream()
     await upstreams.raw(sockdir / "slow.sock", upstream)
-    aegis, port = await start_aegis(procs, sockdir, workers)
+    aegis, port = await start_aegis(children, sockdir, workers)
 
     in_flight = asyncio.create_task(scrape(f"http://127.0.0.1:{port}/slow"))
     await asyncio.wait_for(upstream.asked.wait(), 20)
-    aegis.signal(signum)
+    aegis.popen.send_signal(signum)
     # The upstream holds the rest of the page until no new connection can get in.
     await wait_refused(port)
     upstream.release.set()
@@ -157,16 +145,16 @@ async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
 
 @needs_aegis
 async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
-    procs, upstreams, sockdir
+    children, upstreams, sockdir
 ):
     await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
-    aegis, port = await start_aegis(procs, sockdir, workers=2)
-    before = children(aegis.pid)
+    aegis, port = await start_aegis(children, sockdir, workers=2)
+    before = worker_pids(aegis.pid)
     assert len(before) == 2, aegis.output()
 
     os.kill(before[0], signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while len(after := children(aegis.pid)) != 2 or before[0] in after:
+    while len(after := worker_pids(aegis.pid)) != 2 or before[0] in after:
         assert time.monotonic() < deadline, f"no replacement worker; output:\n{aegis.output()}"
         await asyncio.sleep(0.1)
     assert before[1] in after
@@ -174,17 +162,17 @@ async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
 
     answers = await asyncio.gather(*(scrape(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
     assert answers == [(200, b"alive_value 1\n")] * 20
-    aegis.signal(signal.SIGTERM)
+    aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
 
 
 @needs_aegis
 @pytest.mark.parametrize("attempt", range(3))
-async def test_a_stop_right_after_start_is_a_clean_exit(attempt, procs, sockdir):
+async def test_a_stop_right_after_start_is_a_clean_exit(attempt, children, sockdir):
     # Workers that have not yet installed their handlers must not die of the signal.
-    aegis = procs.aegis(
+    aegis = children.start(
         "-hostport", f"127.0.0.1:{free_port()}", "-sockdir", str(sockdir), "--workers", "2"
     )
     await aegis.wait_for_output("2 workers: ")
-    aegis.signal(signal.SIGTERM)
+    aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
