@@ -10,21 +10,12 @@ import sys
 
 import aiohttp
 import pytest
-from aegisrun import AEGIS, child_env, free_port, needs_aegis, worker_pids
+from aegisrun import AEGIS, child_env, free_port, has_ipv6_loopback, needs_aegis, worker_pids
 from aiohttp import web
 
 pytestmark = needs_aegis
 
 TIMEOUT = aiohttp.ClientTimeout(total=20)
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 async def get(url: str) -> tuple[int, str]:

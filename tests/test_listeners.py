@@ -8,22 +8,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aegisrun import Children, free_port, needs_aegis
+from aegisrun import Children, free_port, has_ipv6_loopback, needs_aegis
 
 from conftest import Upstreams
 
 pytestmark = needs_aegis
 
 PAGE = "up 1\n"
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 async def scrape(url: str, unix: Path | None = None) -> tuple[int, str]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aegisrun import free_port
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,12 +158,6 @@ async def test_metrics_go_to_the_given_registry_and_not_the_global_one(
 # -- several worker processes -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _get(port: int, path: str) -> tuple[int, bytes]:
     """One request on a fresh connection, so the kernel may hand it to either worker."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -204,7 +199,7 @@ def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
     sockdir = tmp_path / "run"
     sockdir.mkdir()
     upstream = _serve_upstream(sockdir / "app.sock")
-    port = _free_port()
+    port = free_port()
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}

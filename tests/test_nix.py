@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aegisrun import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
@@ -427,12 +428,6 @@ def test_disabled_module_sets_nothing(nixpkgs_lib: Path) -> None:
 
 
 # --- the evaluated ExecStart, run ---------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, bytes]:
