@@ -123,6 +123,28 @@ async def test_end_to_end_headers_pass_and_hop_by_hop_do_not(
     assert headers["X-Forwarded-For"] == "192.0.2.7, 127.0.0.1"
 
 
+async def test_hop_by_hop_response_headers_stay_behind(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Upstream-Private\r\n"
+            b"Keep-Alive: timeout=5\r\nX-Upstream-Private: 1\r\nX-Public: 2\r\n"
+            b"Content-Length: 5\r\n\r\nup 1\n"
+        )
+        await writer.drain()
+
+    await upstreams.raw(sockdir / "svc.sock", serve)
+    client = await aegis()
+    response = await client.get("/svc")
+    assert await response.text() == "up 1\n"
+    assert response.headers["X-Public"] == "2"
+    for name in ("X-Upstream-Private", "Keep-Alive"):
+        assert name not in response.headers
+    assert response.headers.get("Connection", "keep-alive").lower() == "keep-alive"
+
+
 async def test_status_type_and_gzip_encoding_come_back_untouched(
     aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
 ) -> None:

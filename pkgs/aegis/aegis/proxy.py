@@ -298,20 +298,18 @@ def _request_head(request: web.Request, path: str) -> bytes:
 
 
 def _response_headers(conn: Exchange, *, keep_length: bool) -> list[tuple[str, str]]:
-    named = {
-        token.strip().lower()
-        for header, value in conn.headers
-        if header.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
-    }
     headers = []
+    named: set[str] = set()  # headers the upstream's Connection header makes hop-by-hop
     for header, value in conn.headers:
         name = header.decode("latin-1")
         lower = name.lower()
-        if lower not in _HOP_BY_HOP_RESPONSE and lower not in named:
-            if lower == "content-length" and not keep_length:
-                continue
+        if lower in _HOP_BY_HOP_RESPONSE:
+            if lower == "connection":
+                named.update(token.strip().lower() for token in value.decode("latin-1").split(","))
+        elif lower != "content-length" or keep_length:
             headers.append((name, value.decode("latin-1")))
+    if named:
+        headers = [(name, value) for name, value in headers if name.lower() not in named]
     return headers
 
 
