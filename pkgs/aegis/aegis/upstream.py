@@ -19,8 +19,8 @@ import httptools
 
 # Body bytes buffered from the upstream before reading from it pauses: memory stays flat however
 # large the page, because the client side drains at its own pace.
-_HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+_HIGH_WATER = 64 * 1024
+_LOW_WATER = 16 * 1024
 
 
 class UpstreamError(Exception):
