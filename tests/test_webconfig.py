@@ -198,7 +198,7 @@ def test_http2_true_is_accepted_with_a_warning(
 
 ERRORS: list[tuple[str, str]] = [
     ("", "file is empty"),
-    ("tls_server_config: [\n", "invalid YAML"),
+    ("tls_server_config: [\n", "not valid YAML"),
     ("tls_server_config:\n  cert_filse: server.crt\n", "tls_server_config.cert_filse: unknown key"),
     ("junk: 1\n", "junk: unknown key"),
     ("basic_auth_users:\n  a: '$2y$10$x'\n", "basic_auth_users.a: not a bcrypt hash"),

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
+from .yamlfile import YamlFile
 
 __all__ = [
     "RateLimit",
@@ -135,41 +135,37 @@ class WebConfig:
 def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     """Read and validate the file once, at start; every problem is one WebConfigError."""
     src = os.fspath(path)
-    try:
-        data = yaml.load(Path(src).read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except (OSError, UnicodeDecodeError) as e:
-        raise WebConfigError(f"{src}: cannot read: {e}") from e
-    except yaml.YAMLError as e:
-        raise WebConfigError(f"{src}: invalid YAML: {e}") from e
+    file = YamlFile(src, WebConfigError)
+    data = file.load()
     if data is None:
         # An empty file most likely means a failed template; serving without TLS/auth is unsafe.
         raise WebConfigError(f"{src}: file is empty")
-    top = _mapping(src, "", data, _TOP_KEYS)
-    tls_keys = _mapping(src, "tls_server_config", top.get("tls_server_config"), _TLS_KEYS)
-    tls = _tls_config(src, Path(src).parent, tls_keys) if tls_keys else None
+    top = file.mapping("", data, _TOP_KEYS)
+    tls_keys = file.mapping("tls_server_config", top.get("tls_server_config"), _TLS_KEYS)
+    tls = _tls_config(file, Path(src).parent, tls_keys) if tls_keys else None
     users: dict[str, bytes] = {}
-    for user, hashed in _mapping(src, "basic_auth_users", top.get("basic_auth_users")).items():
-        h = _str(src, f"basic_auth_users.{user}", hashed).encode("ascii", "replace")
+    for user, hashed in file.mapping("basic_auth_users", top.get("basic_auth_users")).items():
+        h = file.string(f"basic_auth_users.{user}", hashed).encode("ascii", "replace")
         if not _BCRYPT.fullmatch(h):
             raise WebConfigError(f"{src}: basic_auth_users.{user}: not a bcrypt hash")
         users[user] = h
-    http = _mapping(src, "http_server_config", top.get("http_server_config"), {"http2", "headers"})
+    http = file.mapping("http_server_config", top.get("http_server_config"), {"http2", "headers"})
     if http.get("http2", False) is True:
         log.warning("%s: http_server_config.http2: ignored, aiohttp serves HTTP/1.1 only", src)
     elif "http2" in http and http["http2"] is not False:
         raise WebConfigError(f"{src}: http_server_config.http2: must be true or false")
     headers: dict[str, str] = {}
-    for name, value in _mapping(src, "http_server_config.headers", http.get("headers")).items():
+    for name, value in file.mapping("http_server_config.headers", http.get("headers")).items():
         key = f"http_server_config.headers.{name}"
         if name not in _HEADERS:
             raise WebConfigError(f"{src}: {key}: header can not be configured")
         v = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-        v = _str(src, key, v)
+        v = file.string(key, v)
         if _HEADERS[name] and v not in _HEADERS[name]:
             raise WebConfigError(f"{src}: {key}: {v!r} is not one of {list(_HEADERS[name])}")
         if v:  # the toolkit documents blank as unset
             headers[name] = v
-    return WebConfig(tls, MappingProxyType(users), MappingProxyType(headers), _rate(src, top))
+    return WebConfig(tls, MappingProxyType(users), MappingProxyType(headers), _rate(file, top))
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -191,51 +187,9 @@ _TLS_KEYS = {
 }
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Rejects duplicate keys, as Go's yaml.UnmarshalStrict does (a second user must not win)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: list[Any] = []
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.append(key)
-        return super().construct_mapping(node, deep)
-
-
-def _mapping(src: str, key: str, value: Any, allowed: set[str] | None = None) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise WebConfigError(f"{src}: {key or '(top level)'}: must be a mapping")
-    for k in value:
-        path = f"{key}.{k}" if key else str(k)
-        if not isinstance(k, str):
-            raise WebConfigError(f"{src}: {path}: key must be a string")
-        if allowed is not None and k not in allowed:
-            raise WebConfigError(f"{src}: {path}: unknown key")
-    return value
-
-
-def _str(src: str, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise WebConfigError(f"{src}: {key}: must be a string")
-    return value
-
-
-def _strs(src: str, key: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise WebConfigError(f"{src}: {key}: must be a list of strings")
-    return tuple(_str(src, key, v) for v in value)
-
-
-def _rate(src: str, top: dict[str, Any]) -> RateLimit | None:
-    d = _mapping(src, "rate_limit", top.get("rate_limit"), {"interval", "burst"})
+def _rate(file: YamlFile, top: dict[str, Any]) -> RateLimit | None:
+    src = file.src
+    d = file.mapping("rate_limit", top.get("rate_limit"), {"interval", "burst"})
     raw = d.get("interval", 0)
     if (raw == 0 and not isinstance(raw, bool)) or raw == "0":
         return None  # the toolkit: an interval of 0 disables the limiter
@@ -248,12 +202,12 @@ def _rate(src: str, top: dict[str, Any]) -> RateLimit | None:
     return RateLimit(interval, burst) if interval > 0 else None
 
 
-def _tls_config(src: str, base: Path, d: dict[str, Any]) -> TLSConfig:
+def _tls_config(file: YamlFile, base: Path, d: dict[str, Any]) -> TLSConfig:
     def get(name: str) -> str | None:
         value = d.get(name)
-        return None if value is None or value == "" else _str(src, f"{pre}{name}", value)
+        return None if value is None or value == "" else file.string(f"{pre}{name}", value)
 
-    pre = "tls_server_config."
+    src, pre = file.src, "tls_server_config."
     files = {n: base / v for n in ("cert_file", "key_file", "client_ca_file") if (v := get(n))}
     inline = {n: v for n in ("cert", "key", "client_ca") if (v := get(n))}
     for name in ("cert", "key", "client_ca"):
@@ -275,7 +229,7 @@ def _tls_config(src: str, base: Path, d: dict[str, Any]) -> TLSConfig:
         raise WebConfigError(f"{src}: {pre}client_auth_type: client CA given without a policy")
     if auth != "NoClientCert" and not has_ca:
         raise WebConfigError(f"{src}: {pre}client_ca_file: required by {auth}")
-    sans = _strs(src, f"{pre}client_allowed_sans", d.get("client_allowed_sans"))
+    sans = file.strings(f"{pre}client_allowed_sans", d.get("client_allowed_sans"))
     if sans and auth == "NoClientCert":
         raise WebConfigError(f"{src}: {pre}client_allowed_sans: needs a verifying client_auth_type")
     versions = {}
@@ -287,11 +241,11 @@ def _tls_config(src: str, base: Path, d: dict[str, Any]) -> TLSConfig:
         versions[name] = _VERSIONS[v]
     if versions["min_version"] > versions["max_version"]:
         raise WebConfigError(f"{src}: {pre}min_version: above max_version")
-    ciphers = _strs(src, f"{pre}cipher_suites", d.get("cipher_suites"))
+    ciphers = file.strings(f"{pre}cipher_suites", d.get("cipher_suites"))
     for c in ciphers:
         if c not in _CIPHERS and c not in _TLS13_SUITES:
             raise WebConfigError(f"{src}: {pre}cipher_suites: unknown cipher {c!r}")
-    curves = _strs(src, f"{pre}curve_preferences", d.get("curve_preferences"))
+    curves = file.strings(f"{pre}curve_preferences", d.get("curve_preferences"))
     if len(curves) > 1 or any(c not in _CURVES for c in curves):
         raise WebConfigError(f"{src}: {pre}curve_preferences: give one of {list(_CURVES)}")
     prefer = d.get("prefer_server_cipher_suites", True)
