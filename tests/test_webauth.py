@@ -3,63 +3,19 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import bcrypt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from webserve import get, serve, write
 
 from aegis.proxy import Config, make_app
 from aegis.webauth import setup_web_config
-from aegis.webconfig import WebConfig, load_web_config
+from aegis.webconfig import load_web_config
 from conftest import Upstreams
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "web.yml"
-    path.write_text(text)
-    return path
-
-
-async def echo(request: web.Request) -> web.Response:
-    """What a proxy handler would forward: every header it can see."""
-    return web.json_response(
-        {
-            "headers": dict(request.headers),
-            "raw": [k.decode() for k, _ in request.raw_headers],
-            "name": request.match_info["name"],
-        }
-    )
-
-
-@asynccontextmanager
-async def serve(config: WebConfig) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_get("/{name}/metrics", echo)
-    setup_web_config(app, config)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-async def get(url: str, **kw: Any) -> tuple[int, Any, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(url + "/node/metrics", **kw) as resp,
-    ):
-        body = await resp.json() if resp.status == 200 else await resp.text()
-        return resp.status, resp.headers, body
 
 
 def users_yaml(tmp_path: Path) -> Path:

@@ -5,20 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import trustme
 from aegisrun import Children, free_port, needs_aegis
-from aiohttp import web
+from webserve import get, serve, write
 
-from aegis.webauth import setup_web_config
 from aegis.webconfig import (
-    WebConfig,
     WebConfigError,
     load_web_config,
     server_ssl_context,
@@ -48,55 +43,12 @@ def certs(tmp_path: Path, ca: trustme.CA) -> Path:
     return tmp_path
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "web.yml"
-    path.write_text(text)
-    return path
-
-
 def client_ctx(ca: trustme.CA, cert: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     if cert is not None:
         ctx.load_cert_chain(cert)
     return ctx
-
-
-async def echo(request: web.Request) -> web.Response:
-    """What a proxy handler would forward: every header it can see."""
-    return web.json_response(
-        {
-            "headers": dict(request.headers),
-            "raw": [k.decode() for k, _ in request.raw_headers],
-            "name": request.match_info["name"],
-        }
-    )
-
-
-@asynccontextmanager
-async def serve(config: WebConfig) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_get("/{name}/metrics", echo)
-    setup_web_config(app, config)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    ssl_context = server_ssl_context(config.tls) if config.tls else None
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"{'https' if ssl_context else 'http'}://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-async def get(url: str, ctx: ssl.SSLContext | None = None, **kw: Any) -> tuple[int, Any, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(url + "/node/metrics", ssl=ctx or False, **kw) as resp,
-    ):
-        body = await resp.json() if resp.status == 200 else await resp.text()
-        return resp.status, resp.headers, body
 
 
 TLS = 'tls_server_config:\n  cert_file: server.crt\n  key_file: "server.key"\n'
