@@ -11,6 +11,7 @@ from aegisrun import Children
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from prometheusrun import Prometheus
 
 from aegis.proxy import Config, make_app
 
@@ -127,3 +128,19 @@ async def children(tmp_path: Path) -> AsyncIterator[Children]:
     started = Children(tmp_path)
     yield started
     await started.close()
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Prometheus]]:
+    """``prometheus(config_text)`` starts one; all are stopped when the test ends."""
+    started: list[Prometheus] = []
+
+    def start(config: str) -> Prometheus:
+        started.append(Prometheus(tmp_path, config))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.stop()

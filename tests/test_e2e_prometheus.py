@@ -6,17 +6,13 @@ import asyncio
 import gzip
 import shutil
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from aegisrun import child_env, free_port, needs_aegis
+from aegisrun import free_port, needs_aegis
 from aiohttp import web
+from prometheusrun import PROMETHEUS, Series
 
-PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 
 pytestmark = [
@@ -74,60 +70,6 @@ class Service:
         return web.Response(body=body, headers=headers)
 
 
-class Prometheus:
-    """A Prometheus server on a free loopback port, storing under ``tmp_path``."""
-
-    def __init__(self, tmp_path: Path, config: str) -> None:
-        assert PROMETHEUS is not None
-        config_file = tmp_path / "prometheus.yml"
-        config_file.write_text(config)
-        self.api = f"http://127.0.0.1:{free_port()}"
-        self.log = tmp_path / "prometheus.log"
-        with self.log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={config_file}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address={self.api.removeprefix('http://')}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=child_env(),
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def stop(self) -> None:
-        """Terminate, wait, kill on timeout."""
-        self.popen.terminate()
-        deadline = time.monotonic() + 15
-        while self.popen.poll() is None:
-            if time.monotonic() > deadline:
-                self.popen.kill()
-                self.popen.wait(10)
-                break
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Prometheus]]:
-    """``prometheus(config_text)`` starts one; it is stopped when the test ends."""
-    started: list[Prometheus] = []
-
-    def start(config: str) -> Prometheus:
-        started.append(Prometheus(tmp_path, config))
-        return started[-1]
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            await server.stop()
-
-
 def prometheus_config(aegis_port: int, names: list[str]) -> str:
     jobs = "".join(
         f"""
@@ -143,44 +85,6 @@ global:
   scrape_interval: 1s
   scrape_timeout: 1s
 scrape_configs:{jobs}"""
-
-
-async def query(session: aiohttp.ClientSession, api: str, expr: str) -> list[dict[str, Any]]:
-    async with session.get(f"{api}/api/v1/query", params={"query": expr}) as response:
-        answer = await response.json()
-    assert answer["status"] == "success", answer
-    result: list[dict[str, Any]] = answer["data"]["result"]
-    return result
-
-
-async def wait_all_up(
-    session: aiohttp.ClientSession, api: str, jobs: set[str], prometheus: Prometheus
-) -> None:
-    """Until ``up == 1`` for every job, polling the HTTP API for at most a minute."""
-    deadline = time.monotonic() + 60
-    # The API is asked only once Prometheus listens: a client retrying a port from the
-    # ephemeral range while nothing listens there can be handed it as its own source port.
-    while "Server is ready to receive web requests" not in prometheus.output():
-        if prometheus.popen.poll() is not None:
-            raise AssertionError(f"prometheus exited:\n{prometheus.output()}")
-        assert time.monotonic() < deadline, f"prometheus not ready in 60 s:\n{prometheus.output()}"
-        await asyncio.sleep(0.05)
-    seen: object = "nothing yet"
-    while True:
-        try:
-            result = await query(session, api, "up")
-        except (aiohttp.ClientError, ValueError) as exc:  # not answering queries yet
-            seen = exc
-        else:
-            seen = result
-            if {r["metric"]["job"] for r in result if r["value"][1] == "1"} >= jobs:
-                return
-        if prometheus.popen.poll() is not None:
-            raise AssertionError(f"prometheus exited:\n{prometheus.output()}")
-        assert time.monotonic() < deadline, (
-            f"targets not all up within 60 s; last answer: {seen}\n{prometheus.output()}"
-        )
-        await asyncio.sleep(0.25)
 
 
 async def promtool_check(page: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -210,14 +114,16 @@ async def test_prometheus_scrapes_two_sockets_through_aegis(
     await aegis.ready("127.0.0.1", aegis_port)
 
     server = prometheus(prometheus_config(aegis_port, ["alpha", "beta"]))
-    api = server.api
+
+    def all_up(result: Series) -> bool:
+        return {r["metric"]["job"] for r in result if r["value"][1] == "1"} >= {"alpha", "beta"}
 
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-        await wait_all_up(session, api, {"alpha", "beta"}, server)
+        await server.wait_for_up(session, all_up, within=60)
 
         async def value(expr: str) -> dict[str, str]:
             """Each series' value by job, e.g. {"alpha": "42"}."""
-            return {r["metric"]["job"]: r["value"][1] for r in await query(session, api, expr)}
+            return {r["metric"]["job"]: r["value"][1] for r in await server.query(session, expr)}
 
         assert await value("fake_alpha_value") == {"alpha": "42"}
         assert await value("fake_beta_value") == {"beta": "7.5"}
@@ -228,8 +134,8 @@ async def test_prometheus_scrapes_two_sockets_through_aegis(
         assert await value("fake_alpha_latency_seconds_count") == {"alpha": "10"}
         assert await value("fake_alpha_latency_seconds_sum") == {"alpha": "2.75"}
         # Each target gets only its own service's samples.
-        assert await query(session, api, '{__name__=~"fake_alpha_.*", job="beta"}') == []
-        assert await query(session, api, '{__name__=~"fake_beta_.*", job="alpha"}') == []
+        assert await server.query(session, '{__name__=~"fake_alpha_.*", job="beta"}') == []
+        assert await server.query(session, '{__name__=~"fake_beta_.*", job="alpha"}') == []
 
     # Prometheus asked for gzip; alpha's compressed page came through Aegis untouched.
     assert "gzip" in alpha.encodings

@@ -3,10 +3,7 @@ discovered through ``/-/sd``."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import shutil
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -14,10 +11,9 @@ import bcrypt
 import pytest
 import trustme
 from aegisrun import Children, free_port, needs_aegis
+from prometheusrun import PROMETHEUS, Prometheus, Series
 
 from conftest import Upstreams
-
-PROMETHEUS = shutil.which("prometheus")
 
 pytestmark = [
     needs_aegis,
@@ -28,55 +24,17 @@ pytestmark = [
 ]
 
 
-async def up_by_name(api: str) -> dict[str, float]:
-    """``up`` per job and target name, as Prometheus last recorded it."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{api}/api/v1/query", params={"query": "up"}) as resp,
-    ):
-        if resp.status != 200:
-            return {}
-        body = json.loads(await resp.text())
-    return {
-        f"{r['metric']['job']}/{r['metric']['target']}": float(r["value"][1])
-        for r in body["data"]["result"]
-    }
-
-
-def start_prometheus(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    assert PROMETHEUS is not None
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        return subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-async def wait_for_up(
-    api: str, want: dict[str, float], prometheus: subprocess.Popen[bytes]
-) -> None:
-    last: dict[str, float] = {}
-    for _ in range(300):  # 30 s at most: Prometheus scrapes every second
-        try:
-            last = await up_by_name(api)
-        except aiohttp.ClientError:
-            last = {}
-        if last == want:
-            return
-        assert prometheus.poll() is None, "prometheus exited"
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"up is {last}, expected {want}")
+def up_by_name(result: Series) -> dict[str, float]:
+    """``up`` per job and target name, from the answer to the query ``up``."""
+    return {f"{r['metric']['job']}/{r['metric']['target']}": float(r["value"][1]) for r in result}
 
 
 async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_sees_a_new_socket(
-    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+    tmp_path: Path,
+    sockdir: Path,
+    upstreams: Upstreams,
+    children: Children,
+    prometheus: Callable[[str], Prometheus],
 ) -> None:
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
@@ -112,7 +70,7 @@ async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_see
     )
     # Two jobs: "static" lists both names from the start; "sd" finds them through /-/sd, asked
     # over the same TLS with the same credentials.
-    (tmp_path / "prometheus.yml").write_text(
+    scraper = prometheus(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n"
         "  - job_name: static\n    scheme: https\n"
@@ -126,27 +84,18 @@ async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_see
         + f"      - url: https://127.0.0.1:{port}/-/sd\n        refresh_interval: 1s\n"
         + secure.replace("    ", "        ")
     )
-    api_port = free_port()
-    prometheus = start_prometheus(tmp_path, api_port)
-    api = f"http://127.0.0.1:{api_port}"
+
+    def up_is(want: dict[str, float]) -> Callable[[Series], bool]:
+        return lambda result: up_by_name(result) == want
+
     try:
-        # beta's socket does not exist yet: Aegis answers 404, so the static job records it
-        # down, and discovery does not list it at all.
-        await wait_for_up(
-            api, {"static/alpha": 1.0, "static/beta": 0.0, "sd/alpha": 1.0}, prometheus
-        )
-        await upstreams.metrics(sockdir / "beta.sock", "beta_up 1\n")
-        everything_up = {"static/alpha": 1.0, "static/beta": 1.0, "sd/alpha": 1.0, "sd/beta": 1.0}
-        await wait_for_up(api, everything_up, prometheus)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            # beta's socket does not exist yet: Aegis answers 404, so the static job records
+            # it down, and discovery does not list it at all.
+            first = {"static/alpha": 1.0, "static/beta": 0.0, "sd/alpha": 1.0}
+            await scraper.wait_for_up(session, up_is(first), within=30)
+            await upstreams.metrics(sockdir / "beta.sock", "beta_up 1\n")
+            everything = {"static/alpha": 1.0, "static/beta": 1.0, "sd/alpha": 1.0, "sd/beta": 1.0}
+            await scraper.wait_for_up(session, up_is(everything), within=30)
     except AssertionError as exc:
-        raise AssertionError(
-            f"{exc}\nprometheus:\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}"
-            f"\naegis:\n{aegis.output()[-3000:]}"
-        ) from None
-    finally:
-        prometheus.terminate()
-        try:
-            prometheus.wait(10)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
-            prometheus.wait(5)
+        raise AssertionError(f"{exc}\naegis:\n{aegis.output()[-3000:]}") from None

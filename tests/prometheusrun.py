@@ -1,0 +1,101 @@
+"""A real Prometheus server as a child process, for the tests that have one scrape Aegis.
+
+It listens on a free loopback port and stores under the test's ``tmp_path``; waits are async
+and bounded, since what it scrapes runs in the test's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aegisrun import child_env, free_port
+
+PROMETHEUS = shutil.which("prometheus")
+
+Series = list[dict[str, Any]]
+
+
+class Prometheus:
+    """One ``prometheus`` child with ``config`` as its config file; output goes to a log file."""
+
+    def __init__(self, tmp_path: Path, config: str) -> None:
+        assert PROMETHEUS is not None
+        config_file = tmp_path / "prometheus.yml"
+        config_file.write_text(config)
+        self.api = f"http://127.0.0.1:{free_port()}"
+        self.log = tmp_path / "prometheus.log"
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address={self.api.removeprefix('http://')}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _check_running(self) -> None:
+        if self.popen.poll() is not None:
+            raise AssertionError(f"prometheus exited:\n{self.output()}")
+
+    async def query(self, session: aiohttp.ClientSession, expr: str) -> Series:
+        """The instant query's result; an answer other than success fails the test."""
+        url = f"{self.api}/api/v1/query"
+        async with session.get(url, params={"query": expr}) as response:
+            answer = await response.json()
+        assert answer["status"] == "success", answer
+        result: Series = answer["data"]["result"]
+        return result
+
+    async def wait_for_up(
+        self, session: aiohttp.ClientSession, done: Callable[[Series], bool], within: float
+    ) -> None:
+        """Until ``done`` holds for the ``up`` series, for at most ``within`` seconds."""
+        deadline = time.monotonic() + within
+        # The API is asked only once Prometheus listens: a client retrying a port from the
+        # ephemeral range while nothing listens there can be handed it as its own source port.
+        while "Server is ready to receive web requests" not in self.output():
+            self._check_running()
+            assert time.monotonic() < deadline, (
+                f"prometheus not ready in {within} s:\n{self.output()}"
+            )
+            await asyncio.sleep(0.05)
+        seen: object = "nothing yet"
+        while True:
+            try:
+                seen = await self.query(session, "up")
+            except (aiohttp.ClientError, ValueError) as exc:  # not answering queries yet
+                seen = exc
+            else:
+                if done(seen):
+                    return
+            self._check_running()
+            assert time.monotonic() < deadline, (
+                f"up not as expected within {within} s; last answer: {seen}\n{self.output()}"
+            )
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Terminate, wait, kill on timeout."""
+        self.popen.terminate()
+        deadline = time.monotonic() + 15
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                self.popen.kill()
+                self.popen.wait(10)
+                break
+            await asyncio.sleep(0.05)
