@@ -171,6 +171,13 @@ class Children:
         self.started.append(child)
         return child
 
+    async def serve(self, sockdir: Path, *flags: str) -> tuple[Aegis, int]:
+        """An aegis for ``sockdir`` on a free loopback port, once that port accepts."""
+        port = free_port()
+        child = self.start("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), *flags)
+        await child.ready("127.0.0.1", port)
+        return child, port
+
     async def close(self) -> None:
         for child in self.started:
             await child.stop()

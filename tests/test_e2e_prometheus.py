@@ -9,7 +9,7 @@ import subprocess
 
 import aiohttp
 import pytest
-from aegisrun import free_port, needs_aegis
+from aegisrun import needs_aegis
 from aiohttp import web
 from prometheusrun import PROMETHEUS, Series
 
@@ -107,11 +107,7 @@ async def test_prometheus_scrapes_two_sockets_through_aegis(
     await upstreams.http(sockdir / "alpha.sock", alpha)
     await upstreams.http(sockdir / "beta.sock", beta)
 
-    aegis_port = free_port()
-    aegis = children.start(
-        "-hostport", f"127.0.0.1:{aegis_port}", "-sockdir", str(sockdir), "--workers", "1"
-    )
-    await aegis.ready("127.0.0.1", aegis_port)
+    _, aegis_port = await children.serve(sockdir, "--workers", "1")
 
     server = prometheus(prometheus_config(aegis_port, ["alpha", "beta"]))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aegisrun import Aegis, Children, free_port, needs_aegis
+from aegisrun import Aegis, Children, needs_aegis
 from aiohttp import web
 
 from aegis.limits import Limits
@@ -139,11 +139,7 @@ async def settled_fds(pid: int) -> int:
 
 
 async def start_aegis(children: Children, sockdir: Path, *flags: str) -> tuple[Aegis, int]:
-    port = free_port()
-    args = ["-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1"]
-    child = children.start(*args, *flags)
-    await child.ready("127.0.0.1", port)
-    return child, port
+    return await children.serve(sockdir, "--workers", "1", *flags)
 
 
 async def exchange(port: int, request: bytes = GET) -> bytes:

@@ -10,7 +10,7 @@ import aiohttp
 import bcrypt
 import pytest
 import trustme
-from aegisrun import Children, free_port, needs_aegis
+from aegisrun import Children, needs_aegis
 from prometheusrun import PROMETHEUS, Prometheus, Series
 
 from conftest import Upstreams
@@ -47,16 +47,7 @@ async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_see
         f"basic_auth_users:\n  prometheus: '{hashed}'\n"
     )
     await upstreams.metrics(sockdir / "alpha.sock", "alpha_up 1\n")
-    port = free_port()
-    aegis = children.start(
-        "-hostport",
-        f"127.0.0.1:{port}",
-        "-sockdir",
-        str(sockdir),
-        "--web.config.file",
-        str(tmp_path / "web.yml"),
-    )
-    await aegis.ready("127.0.0.1", port)
+    aegis, port = await children.serve(sockdir, "--web.config.file", str(tmp_path / "web.yml"))
 
     def target(name: str) -> str:
         return (

@@ -20,6 +20,12 @@ from conftest import AegisFactory, Upstreams, raw_http
 PAGE = "# TYPE up gauge\nup 1\n"
 
 
+async def slow(request: web.Request) -> web.Response:
+    """An upstream that answers long after any deadline in these tests."""
+    await asyncio.sleep(30)
+    return web.Response(text=PAGE)
+
+
 async def test_get_name_reaches_the_socket_at_metrics_with_query_kept(
     aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
 ) -> None:
@@ -191,10 +197,6 @@ async def test_upstream_error_status_passes_through(
 async def test_deadline_comes_from_the_scrape_timeout_header(
     aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
 ) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(30)
-        return web.Response(text=PAGE)
-
     await upstreams.http(sockdir / "svc.sock", slow)
     client = await aegis(scrape_timeout=60)
     loop = asyncio.get_running_loop()
@@ -210,10 +212,6 @@ async def test_deadline_comes_from_the_scrape_timeout_header(
 async def test_default_deadline_without_the_header(
     aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
 ) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(30)
-        return web.Response(text=PAGE)
-
     await upstreams.http(sockdir / "svc.sock", slow)
     client = await aegis(scrape_timeout=0.3)
     response = await client.get("/svc")

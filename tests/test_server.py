@@ -104,18 +104,9 @@ async def wait_refused(port: int, within: float = 20.0) -> None:
 
 
 async def start_aegis(children: Children, sockdir: Path, workers: int) -> tuple[Aegis, int]:
-    port = free_port()
-    aegis = children.start(
-        "-hostport",
-        f"127.0.0.1:{port}",
-        "-sockdir",
-        str(sockdir),
-        "--workers",
-        str(workers),
-        "--shutdown.grace-period",
-        "30s",
+    aegis, port = await children.serve(
+        sockdir, "--workers", str(workers), "--shutdown.grace-period", "30s"
     )
-    await aegis.ready("127.0.0.1", port)
     if workers > 1:
         await aegis.wait_for_output(f"{workers} workers: ")
     return aegis, port
