@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 AEGIS = shutil.which("aegis")
@@ -55,6 +56,18 @@ def free_port(host: str = "127.0.0.1") -> int:
                 continue
             return port
     raise AssertionError("no free port below the ephemeral range")
+
+
+async def fresh_get(url: str, within: float = 30.0) -> tuple[int, bytes]:
+    """One GET on a fresh connection, so each lands on whichever worker the kernel picks."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=within)
+        ) as session,
+        session.get(url) as response,
+    ):
+        return response.status, await response.read()
 
 
 def has_ipv6_loopback() -> bool:

@@ -8,24 +8,19 @@ import struct
 import subprocess
 import sys
 
-import aiohttp
 import pytest
-from aegisrun import AEGIS, child_env, free_port, has_ipv6_loopback, needs_aegis, worker_pids
+from aegisrun import (
+    AEGIS,
+    child_env,
+    free_port,
+    fresh_get,
+    has_ipv6_loopback,
+    needs_aegis,
+    worker_pids,
+)
 from aiohttp import web
 
 pytestmark = needs_aegis
-
-TIMEOUT = aiohttp.ClientTimeout(total=20)
-
-
-async def get(url: str) -> tuple[int, str]:
-    """One GET on a fresh connection, so each lands wherever the kernel puts it."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session,
-        session.get(url) as response,
-    ):
-        return response.status, await response.text()
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,8 +52,8 @@ async def test_every_flag_spelling_listens_and_serves_the_sockdir(
     aegis = children.start(*args, "--workers", "1")
     await aegis.ready("127.0.0.1", port)
 
-    assert await get(f"http://{hostport}/svc") == (200, "spelling_value 7\n")
-    assert await get(f"http://{hostport}/absent") == (404, "no such target\n")
+    assert await fresh_get(f"http://{hostport}/svc") == (200, b"spelling_value 7\n")
+    assert await fresh_get(f"http://{hostport}/absent") == (404, b"no such target\n")
     # The Go original logs "HOSTPORT -> SOCKDIR" at start; ours says the same.
     assert f"{hostport} -> {sockdir}" in aegis.output()
 
@@ -70,7 +65,7 @@ async def test_ipv6_hostport_in_brackets(children, upstreams, sockdir):
     aegis = children.start("-hostport", f"[::1]:{port}", "-sockdir", str(sockdir), "--workers", "1")
     await aegis.ready("::1", port)
 
-    assert await get(f"http://[::1]:{port}/svc") == (200, "six_value 6\n")
+    assert await fresh_get(f"http://[::1]:{port}/svc") == (200, b"six_value 6\n")
     assert f"[::1]:{port} -> {sockdir}" in aegis.output()
 
 
@@ -159,6 +154,6 @@ async def test_two_workers_share_the_port_and_both_answer(children, upstreams, s
 
     # Fresh connections are spread by the kernel (SO_REUSEPORT hashes each connection): with
     # 40 of them, the chance that one worker gets none is 2**-39.
-    answers = await asyncio.gather(*(get(f"http://127.0.0.1:{port}/svc") for _ in range(40)))
-    assert answers == [(200, "shared_value 2\n")] * 40
+    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(40)))
+    assert answers == [(200, b"shared_value 2\n")] * 40
     assert set(callers) == set(workers)

@@ -9,13 +9,10 @@ import signal
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aegisrun import Aegis, Children, free_port, needs_aegis, worker_pids
+from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
 
 from aegis.server import Listener
-
-TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
 @pytest.mark.parametrize(
@@ -81,15 +78,6 @@ class SlowUpstream:
         writer.close()
 
 
-async def scrape(url: str) -> tuple[int, bytes]:
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session,
-        session.get(url) as response,
-    ):
-        return response.status, await response.read()
-
-
 async def wait_refused(port: int, within: float = 20.0) -> None:
     """Until connecting to the port is refused: nothing listens there any more."""
     deadline = time.monotonic() + within
@@ -128,7 +116,7 @@ async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
     await upstreams.raw(sockdir / "slow.sock", upstream)
     aegis, port = await start_aegis(children, sockdir, workers)
 
-    in_flight = asyncio.create_task(scrape(f"http://127.0.0.1:{port}/slow"))
+    in_flight = asyncio.create_task(fresh_get(f"http://127.0.0.1:{port}/slow"))
     await asyncio.wait_for(upstream.asked.wait(), 20)
     aegis.popen.send_signal(signum)
     # The upstream holds the rest of the page until no new connection can get in.
@@ -157,7 +145,7 @@ async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
     assert before[1] in after
     assert f"(pid {before[0]}) exited with -9; starting a new one" in aegis.output()
 
-    answers = await asyncio.gather(*(scrape(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
+    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
     assert answers == [(200, b"alive_value 1\n")] * 20
     aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
