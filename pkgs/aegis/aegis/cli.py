@@ -284,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_header_timeout=args.read_header_timeout,
         idle_timeout=args.idle_timeout,
     )
-    scheme = "https" if serving.ssl_context else "http"
-    log.info("%s %s -> %s", scheme, ", ".join(map(str, listeners)), args.sockdir)
+    # The original's start line, to the letter: HOSTPORT -> SOCKDIR.
+    log.info("%s -> %s", ", ".join(map(str, listeners)), args.sockdir)
+    if serving.ssl_context:
+        log.info("serving TLS only (%s)", args.web_config)
     try:
         socks = bind(listeners, args.workers)
     except OSError as exc:
