@@ -162,12 +162,19 @@ def deadline(request: web.Request, config: Config) -> float:
     return config.scrape_timeout
 
 
-def _failure(kind: str, name: str, reason: str, detail: str = "") -> web.Response:
-    """The scraper gets a one-line reason; the log also gets the details (paths, owners)."""
+def _failure(
+    metrics: ProxyMetrics, kind: str, target: str, name: str, reason: str, detail: str = ""
+) -> web.Response:
+    """A scrape that failed before the upstream's answer began: counted under ``target`` (the
+    metrics label, "" when the name matched none), logged with the details (paths, owners), and
+    answered with a one-line reason."""
     status = FAILURE_STATUS[kind]
-    level = logging.INFO if status < 500 else logging.WARNING
-    if kind == "overloaded":
-        level = logging.DEBUG  # a flood of refusals must not become a flood of log lines
+    metrics.error(target, kind)
+    metrics.request(target, status)
+    if kind in ("unknown", "overloaded"):
+        level = logging.DEBUG  # a flood of random names or refusals must not flood the log
+    else:
+        level = logging.INFO if status < 500 else logging.WARNING
     log.log(level, "%s %s: %s%s", status, name, reason, f" ({detail})" if detail else "")
     return web.Response(status=status, text=reason + "\n")
 
@@ -187,32 +194,22 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
     try:
         endpoint = app[TARGETS_KEY].resolve(name)
     except BadName as exc:
-        # Unknown names are counted as target="": a flood of random names adds no series.
-        metrics.error("", "bad_name")
-        metrics.request("", 400)
-        return _failure("bad_name", repr(name)[:120], f"bad target name: {exc}")
+        # Names that match no target are counted as target="": random names add no series.
+        return _failure(metrics, "bad_name", "", repr(name)[:120], f"bad target name: {exc}")
     except NoSuchTarget as exc:
-        metrics.error("", "unknown")
-        metrics.request("", 404)
-        log.debug("404 %s: %s", name, exc)
-        return web.Response(status=404, text="no such target\n")
+        return _failure(metrics, "unknown", "", name, "no such target", str(exc))
     except PermissionError as exc:
-        metrics.error(name, "permission")
-        metrics.request(name, FAILURE_STATUS["permission"])
-        return _failure(
-            "permission", name, "permission denied", _permission_detail(str(exc.filename))
-        )
+        detail = _permission_detail(str(exc.filename))
+        return _failure(metrics, "permission", name, name, "permission denied", detail)
 
+    limits = app[LIMITS_KEY]
+    if (refusal := limits.enter(name)) is not None:
+        return _failure(metrics, "overloaded", name, name, refusal)
     head_only = request.method == "HEAD"
     request_head = _request_head(request, endpoint.path)
     pool = app[POOL_KEY]
     response: web.StreamResponse | None = None
     conn: Exchange | None = None
-    limits = app[LIMITS_KEY]
-    if (refusal := limits.enter(name)) is not None:
-        metrics.error(name, "overloaded")
-        metrics.request(name, FAILURE_STATUS["overloaded"])
-        return _failure("overloaded", name, refusal)
     started = time.perf_counter()
     try:
         async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
@@ -237,21 +234,18 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
             while chunk := await conn.read():
                 await response.write(chunk)
     except PermissionError:
-        metrics.error(name, "permission")
-        metrics.request(name, FAILURE_STATUS["permission"])
         detail = _permission_detail(endpoint.socket)
-        return _failure("permission", name, "permission denied", detail)
+        return _failure(metrics, "permission", name, name, "permission denied", detail)
     except (UpstreamError, TimeoutError) as exc:
         if conn is not None:
             conn.abort()
         kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
         reason = exc.reason if isinstance(exc, UpstreamError) else "upstream deadline exceeded"
         metrics.upstream(name, time.perf_counter() - started)
-        metrics.error(name, kind)
         if response is None:
-            metrics.request(name, FAILURE_STATUS[kind])
-            return _failure(kind, name, f"upstream: {reason}", endpoint.socket)
+            return _failure(metrics, kind, name, name, f"upstream: {reason}", endpoint.socket)
         # The status line is out: the only honest signal left is to break the connection.
+        metrics.error(name, kind)
         metrics.request(name, response.status)
         log.warning("%s: aborted mid-response: %s (%s)", name, reason, endpoint.socket)
         _abort_client(request)
