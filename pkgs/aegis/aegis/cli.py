@@ -7,7 +7,6 @@ The original program's flags keep working in every spelling its users and its Ni
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import os
@@ -298,8 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers == 1:
             return serve(lambda: _app(config, web_config), socks, serving)
         # Several workers: one set of self-metrics for all of them, whichever answers a scrape.
-        with contextlib.ExitStack() as stack:
-            path = stack.enter_context(multiproc.metrics_dir())
+        with multiproc.metrics_dir() as path:
             return serve(
                 lambda: _app(config, web_config, multiprocess_dir=path),
                 socks,

@@ -266,6 +266,7 @@ def _supervise(
     # collector's bookkeeping is such a write, so the start-up objects are kept out of its way.
     gc.collect()
     gc.freeze()
+    every_socket = {sock for per_worker in socks for sock in per_worker}
 
     def spawn(index: int) -> int:
         pid = os.fork()
@@ -275,9 +276,8 @@ def _supervise(
                 signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_STOP_SIGNALS})
                 # Other workers' sockets came along with the fork; kept, they would hold the
                 # port open while this worker finishes its scrapes after SIGTERM.
-                for sock in {sock for per_worker in socks for sock in per_worker}:
-                    if sock not in socks[index]:
-                        sock.close()
+                for sock in every_socket.difference(socks[index]):
+                    sock.close()
                 code = _run_worker(app_factory, socks[index], serving)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -299,7 +299,7 @@ def _supervise(
                     os.kill(pid, signal.SIGTERM)
             # The parent's copies keep each port listening after the workers closed theirs:
             # new connections would queue for nobody and be reset at exit instead of refused.
-            for sock in {sock for per_worker in socks for sock in per_worker}:
+            for sock in every_socket:
                 sock.close()
         while workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
