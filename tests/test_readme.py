@@ -13,7 +13,6 @@ import argparse
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,63 +22,28 @@ import trustme
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from readmeblocks import (
+    KINDS,
+    README,
+    ROOT,
+    Block,
+    blocks,
+    documented_passwords,
+    needs_readme,
+    of_kind,
+    rules,
+)
 
 from aegis.cli import build_parser
 from aegis.configfile import load_targets
 from aegis.webconfig import load_web_config
 from conftest import Upstreams
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (Debian package 'prometheus')"
 )
-KINDS = ("prometheus", "rules", "web-config", "targets", "fragment")
-
-pytestmark = pytest.mark.skipif(
-    not README.is_file(),
-    reason="no README.md beside tests/ (the Nix package's source holds pkgs/aegis and tests only)",
-)
-
-
-@dataclass(frozen=True)
-class Block:
-    """A fenced code block of the README, with the check its marker comment asks for."""
-
-    line: int  # of the opening fence, 1-based
-    lang: str
-    text: str
-    kind: str | None  # from <!-- check: KIND ARG --> on the line before the fence
-    arg: str
-
-    def __str__(self) -> str:
-        return f"README.md:{self.line}"
-
-
-def blocks() -> list[Block]:
-    found: list[Block] = []
-    if not README.is_file():  # parametrizing must not fail where the module is skipped
-        return found
-    lines = README.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        fence = re.fullmatch(r"```(\w*)\s*", lines[i])
-        if not fence:
-            i += 1
-            continue
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
-        assert end is not None, f"README.md:{i + 1}: code block never closed"
-        marker = re.fullmatch(r"<!--\s*check:\s*(\S+)\s*(\S*)\s*-->", lines[i - 1]) if i else None
-        text = "\n".join(lines[i + 1 : end]) + "\n"
-        kind, arg = (marker.group(1), marker.group(2)) if marker else (None, "")
-        found.append(Block(i + 1, fence.group(1), text, kind, arg))
-        i = end + 1
-    return found
-
-
-def of_kind(kind: str) -> list[Block]:
-    return [b for b in blocks() if b.kind == kind]
+pytestmark = needs_readme
 
 
 def run(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -111,8 +75,8 @@ def test_every_yaml_block_says_how_it_is_checked() -> None:
 @pytest.mark.parametrize("block", of_kind("prometheus"), ids=str)
 def test_prometheus_configuration_passes_promtool(block: Block, tmp_path: Path) -> None:
     assert PROMTOOL is not None
-    for rules in of_kind("rules"):  # rule_files are checked too, so they must be there
-        (tmp_path / rules.arg).write_text(rules.text)
+    for rule_file in of_kind("rules"):  # rule_files are checked too, so they must be there
+        (tmp_path / rule_file.arg).write_text(rule_file.text)
     (tmp_path / "prometheus.yml").write_text(block.text)
     checked = run(PROMTOOL, "check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode == 0, f"{block}:\n{checked.stdout}{checked.stderr}"
@@ -128,12 +92,6 @@ def test_promtool_rejects_scheme_in_an_http_sd_entry(tmp_path: Path) -> None:
     checked = run(PROMTOOL or "promtool", "check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode != 0
     assert "field scheme not found" in checked.stdout + checked.stderr
-
-
-def rules() -> Block:
-    found = of_kind("rules")
-    assert len(found) == 1, "expected the README's one block of alert rules"
-    return found[0]
 
 
 @needs_promtool
@@ -240,8 +198,10 @@ def test_web_configuration_passes_aegis_checker(block: Block, tmp_path: Path) ->
     assert (config.tls is not None) == ("tls_server_config" in data)
     assert set(config.users) == set(data.get("basic_auth_users") or {})
     assert (config.rate_limit is not None) == bool((data.get("rate_limit") or {}).get("interval"))
-    # A password the comment gives must be the hash's.
-    for password, user in re.findall(r'#[^\n]*"([^"\s]+)"[^\n]*\n\s+([\w.-]+):', block.text):
+    # A user's password is given in a comment, and the hash must be of it.
+    passwords = documented_passwords(block)
+    assert set(passwords) == set(config.users), f"{block}: say each user's password"
+    for user, password in passwords.items():
         assert bcrypt.checkpw(password.encode(), config.users[user]), f"{block}: {user}"
 
 
