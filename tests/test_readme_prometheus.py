@@ -14,7 +14,7 @@ import pytest
 import trustme
 import yaml
 from aegisrun import Children, needs_aegis
-from prometheusrun import PROMETHEUS, Prometheus, Series
+from prometheusrun import PROMETHEUS, Prometheus, up_is
 from readmeblocks import documented_passwords, needs_readme, of_kind, rules
 
 from conftest import Upstreams
@@ -27,13 +27,6 @@ pytestmark = [
         reason="prometheus is not installed (Debian: apt-get install prometheus)",
     ),
 ]
-
-
-def up_by_name(result: Series) -> dict[str, float]:
-    return {
-        f"{r['metric']['job']}/{r['metric'].get('target', '')}": float(r["value"][1])
-        for r in result
-    }
 
 
 def scrape_config(text: str, port: int, files: Path) -> str:
@@ -88,9 +81,6 @@ async def test_readme_tls_configuration_scrapes_and_a_vanished_socket_leaves_up(
     scraper = prometheus(scrape_config(tls_block.text, port, files))
     gone = yaml.safe_load(rule_block.text)["groups"][0]["rules"][0]
     assert gone["alert"] == "AegisTargetGone"
-
-    def up_is(want: dict[str, float]) -> Callable[[Series], bool]:
-        return lambda result: up_by_name(result) == want
 
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
