@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from aegis import targets as targets_module
 from aegis.targets import (
     BadName,
     DirectoryUnavailable,
@@ -292,3 +294,57 @@ def test_a_replaced_directory_is_looked_at_anew(tmp_path: Path, sockdir: Path) -
     assert targets.names() == ["svc"]
     first.close()
     second.close()
+
+
+class _Later:
+    """``time`` for aegis.targets, a minute ahead: every listing counts as settled and is kept."""
+
+    @staticmethod
+    def time_ns() -> int:
+        return time.time_ns() + 60 * 10**9
+
+
+def tick() -> None:
+    """Let the file system's clock tick, so the next change moves the directory's time stamps
+    (a change in the same tick as a listing is what the settling time is for)."""
+    time.sleep(0.03)
+
+
+def test_a_kept_listing_still_sees_every_change(
+    tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing is reused while the directory's time stamps stand, as on a quiet server:
+    additions, removals, renames and what links point at still show at once."""
+    monkeypatch.setattr(targets_module, "time", _Later)
+    held = [make_socket(sockdir / "a.sock")]
+    (sockdir / "link.sock").symlink_to(tmp_path / "elsewhere.sock")
+    targets = Targets(sockdir, {})
+    assert targets.names() == ["a"]
+    assert targets.names() == ["a"]
+    held.append(make_socket(tmp_path / "elsewhere.sock"))  # the link's target appears
+    assert targets.names() == ["a", "link"]
+    tick()
+    held.append(make_socket(sockdir / "b.sock"))
+    assert targets.names() == ["a", "b", "link"]
+    tick()
+    (sockdir / "a.sock").unlink()
+    assert targets.names() == ["b", "link"]
+    tick()
+    (sockdir / "b.sock").rename(sockdir / "c.sock")
+    assert targets.names() == ["c", "link"]
+    for sock in held:
+        sock.close()
+
+
+def test_a_kept_listing_is_dropped_when_the_directory_is_replaced(
+    tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(targets_module, "time", _Later)
+    held = make_socket(sockdir / "a.sock")
+    targets = Targets(sockdir, {})
+    assert targets.names() == ["a"]
+    tick()
+    sockdir.rename(tmp_path / "old")
+    sockdir.mkdir()
+    assert targets.names() == []
+    held.close()

@@ -1,7 +1,8 @@
 """What Aegis tells about itself: the landing page ``/``, ``/-/sd``, ``/-/healthy``, ``/-/ready``.
 
 Everything here is computed per request from :meth:`aegis.targets.Targets.names` (a directory
-scan): a socket that appears is listed by the next request, with no cache to go stale. A socket
+scan, reused only while the directory's time stamps say nothing changed): a socket that appears
+is listed by the next request. A socket
 directory that cannot be listed makes ``/-/sd`` a 503 with the reason: Prometheus keeps the
 targets it had (an empty list would make it drop them all); the landing page shows the reason.
 
@@ -127,17 +128,18 @@ async def landing(request: web.Request, targets: Targets) -> web.Response:
         # The explicit targets are still served; the directory's are unknown.
         names, problem = sorted(targets.explicit), exc.reason
     if _wants_json(request.headers.get("Accept", "")):
-        body = {
-            "version": __version__,
-            "targets": [{"name": name, "path": f"/{name}"} for name in names],
-            "endpoints": list(ENDPOINTS),
-            "socket_directory": {"path": str(targets.sockdir), "error": problem},
-        }
-        return web.Response(text=json.dumps(body), content_type="application/json")
+        # Written out like /-/sd, for the same reason.
+        listed = ", ".join(
+            f'{{"name": {_json(name)}, "path": {_json(f"/{name}")}}}' for name in names
+        )
+        directory = {"path": str(targets.sockdir), "error": problem}
+        body = (
+            f'{{"version": {_json(__version__)}, "targets": [{listed}], '
+            f'"endpoints": {json.dumps(ENDPOINTS)}, "socket_directory": {json.dumps(directory)}}}'
+        )
+        return web.Response(text=body, content_type="application/json")
     # Relative links, so the page works the same under a path prefix (add_subapp, a proxy).
-    items = "".join(
-        f'<li><a href="{html.escape(quote(name))}">{html.escape(name)}</a></li>\n' for name in names
-    )
+    items = "".join(map(_link, names))
     if problem is not None:
         items += f"<li><strong>socket directory unavailable: {html.escape(problem)}</strong></li>\n"
     elif not items:

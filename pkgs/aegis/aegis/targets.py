@@ -21,16 +21,21 @@ import errno
 import os
 import re
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SOCKET_SUFFIX = ".sock"
 MAX_NAME_LENGTH = 100
-#: The longest path a ``sockaddr_un`` holds with its terminating NUL (libuv and so uvloop keep one).
+#: The longest socket path connected to by name: ``sun_path`` is 108 bytes, Python wants a NUL in
+#: it, and uvloop cuts a longer path at 108 without a word.
 MAX_SOCKET_ADDRESS = 107
 # Descriptors kept open for long socket paths: one per such socket in use, bounded.
 _MAX_PINNED = 64
+# How old the directory's time stamps must be before a listing is reused on their word: well
+# past the file system clock's tick (a jiffy, up to 10 ms).
+_SETTLED_NS = 1_000_000_000
 # Leading character excludes hidden names, "." and "..", and "-" (reserved for /-/ paths).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _UPSTREAM_PATH = re.compile(r"/[\x21-\x7e]*")
@@ -178,13 +183,14 @@ class Endpoint:
 class Targets:
     """Resolves names against the explicit targets first, then the socket directory."""
 
-    __slots__ = ("_explicit", "_kinds", "_pinned", "_sockdir")
+    __slots__ = ("_explicit", "_kinds", "_listing", "_pinned", "_sockdir")
 
     def __init__(self, sockdir: Path, explicit: Mapping[str, Target]) -> None:
         self._sockdir = sockdir
         self._explicit = explicit
         self._pinned: dict[str, _Pinned] = {}
         self._kinds: dict[str, tuple[int, bool]] = {}
+        self._listing: _Listing | None = None
 
     @property
     def sockdir(self) -> Path:
@@ -275,11 +281,35 @@ class Targets:
         return directory_problem(self._sockdir)
 
     def _scan(self) -> set[str]:
-        # What each plain entry was at the last scan, by inode: a file's type never changes, so
-        # only new entries and symlinks (whose target may) cost a stat call. Rebuilt from the
-        # entries present, so names that are gone are forgotten.
+        try:
+            st = os.stat(self._sockdir)
+        except OSError as exc:
+            raise DirectoryUnavailable(f"{self._sockdir}: {_describe(exc)}") from None
+        # Any entry added, removed or renamed changes the directory's mtime, a chmod its ctime:
+        # while both stay, so does the listing. Except for a change in the same clock tick as
+        # the listing, so a listing is kept only once its time stamps are well in the past.
+        key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+        listing = self._listing
+        if listing is None or listing.key != key:
+            listing = self._list(key)
+            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
+            self._listing = listing if settled else None
+        found = set(listing.sockets)
+        for link in listing.links:  # what a link points at may change with no trace here
+            try:
+                if stat.S_ISSOCK(os.stat(os.path.join(self._sockdir, link)).st_mode):
+                    found.add(link[: -len(SOCKET_SUFFIX)])
+            except OSError:
+                continue  # dangling, a loop, or into a directory this process may not search
+        return found
+
+    def _list(self, key: tuple[int, ...]) -> _Listing:
+        # What each plain entry was at the last listing, by inode: a file's type never changes,
+        # so only new entries cost a stat call. Rebuilt from the entries present, so names that
+        # are gone are forgotten.
         known, self._kinds = self._kinds, {}
-        found: set[str] = set()
+        sockets: list[str] = []
+        links: list[str] = []
         try:
             with os.scandir(self._sockdir) as entries:
                 for entry in entries:
@@ -291,27 +321,30 @@ class Targets:
                     ):
                         continue
                     if entry.is_symlink():
-                        is_socket = self._follows_to_socket(entry)
+                        links.append(name)
+                        continue
+                    inode = entry.inode()
+                    kind = known.get(name)
+                    if kind is not None and kind[0] == inode:
+                        is_socket = kind[1]
                     else:
-                        inode = entry.inode()
-                        kind = known.get(name)
-                        if kind is not None and kind[0] == inode:
-                            is_socket = kind[1]
-                        else:
-                            is_socket = _is_plain_socket(entry)
-                        self._kinds[name] = (inode, is_socket)
+                        is_socket = _is_plain_socket(entry)
+                    self._kinds[name] = (inode, is_socket)
                     if is_socket:
-                        found.add(name[: -len(SOCKET_SUFFIX)])
+                        sockets.append(name[: -len(SOCKET_SUFFIX)])
         except OSError as exc:
             raise DirectoryUnavailable(f"{self._sockdir}: {_describe(exc)}") from None
-        return found
+        return _Listing(key, frozenset(sockets), tuple(links))
 
-    @staticmethod
-    def _follows_to_socket(entry: os.DirEntry[str]) -> bool:
-        try:
-            return stat.S_ISSOCK(entry.stat().st_mode)
-        except OSError:
-            return False  # dangling, a loop, or into a directory this process may not search
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """The socket directory's entries, as of the directory's ``key`` (its identity and time
+    stamps): plain sockets by target name, and the symlinks (file names) to follow anew."""
+
+    key: tuple[int, ...]
+    sockets: frozenset[str]
+    links: tuple[str, ...]
 
 
 def _is_plain_socket(entry: os.DirEntry[str]) -> bool:
