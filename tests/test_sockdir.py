@@ -18,10 +18,13 @@ import aiohttp
 import pytest
 from aegisrun import Children, free_port, fresh_get, needs_aegis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheusrun import PROMETHEUS, Prometheus, Series
 from test_metrics import samples, scrape, value
 from test_targets import bind_anywhere
 
 from aegis import dirwatch
+from aegis.metrics import MAX_CACHED_CHILDREN, ProxyMetrics
 from aegis.targets import Target
 from conftest import AegisFactory, Upstreams
 
@@ -292,3 +295,70 @@ async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_chang
     assert log.count(f"socket directory unavailable: {sockdir}: permission denied") == 2, log
     assert log.count("is available again") == 1, log
     assert "Traceback" not in log
+
+
+@needs_aegis
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus is not installed (Debian: apt-get install prometheus)"
+)
+async def test_prometheus_keeps_its_targets_while_the_directory_is_gone(
+    sockdir: Path,
+    tmp_path: Path,
+    upstreams: Upstreams,
+    children: Children,
+    prometheus: Callable[[str], Prometheus],
+) -> None:
+    """The point of the 503: a real Prometheus keeps the targets it discovered (scraping them,
+    and recording them down) instead of dropping them as an empty list would make it."""
+    await upstreams.metrics(sockdir / "alpha.sock", "alpha_up 1\n")
+    aegis, port = await children.serve(sockdir, "--workers", "1")
+    scraper = prometheus(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n  - job_name: sd\n    http_sd_configs:\n"
+        f"      - url: http://127.0.0.1:{port}/-/sd\n        refresh_interval: 1s\n"
+    )
+
+    def alpha_is(want: float) -> Callable[[Series], bool]:
+        return lambda result: (
+            [(r["metric"]["target"], float(r["value"][1])) for r in result] == [("alpha", want)]
+        )
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await scraper.wait_for_up(session, alpha_is(1.0), within=30)
+            os.rename(sockdir, tmp_path / "away")
+            await scraper.wait_for_up(session, alpha_is(0.0), within=30)
+            await aegis.wait_for_output("socket directory unavailable")
+            deadline = time.monotonic() + 30
+            while "returned HTTP status 503" not in scraper.output():
+                assert time.monotonic() < deadline, "prometheus never saw /-/sd fail"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(3)  # three more refreshes that fail
+            assert alpha_is(0.0)(await scraper.query(session, "up"))
+            os.rename(tmp_path / "away", sockdir)
+            await scraper.wait_for_up(session, alpha_is(1.0), within=30)
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\naegis:\n{aegis.output()[-3000:]}\nprometheus:\n{scraper.output()[-3000:]}"
+        ) from None
+
+
+def test_label_children_cached_per_target_stay_bounded() -> None:
+    """Sockets that came and went keep their series (prometheus_client's), but the per-target
+    lookup caches in front of them do not grow with every name ever seen."""
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry, lambda: 0)
+    last = MAX_CACHED_CHILDREN + 10
+    for i in range(last + 1):
+        metrics.request(f"gone-{i}", 200)
+        metrics.upstream(f"gone-{i}", 0.01)
+        metrics.error(f"gone-{i}", "refused")
+    caches = (metrics._request_children, metrics._duration_children, metrics._error_children)
+    assert all(0 < len(cache) <= MAX_CACHED_CHILDREN for cache in caches)
+
+    def requests(target: str) -> float | None:
+        return registry.get_sample_value("aegis_requests_total", {"target": target, "code": "200"})
+
+    assert requests("gone-0") == requests(f"gone-{last}") == 1
+    metrics.request("gone-0", 200)  # a dropped child is found again, not duplicated
+    assert requests("gone-0") == 2

@@ -73,10 +73,7 @@ class DirectoryWatch:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(INTERVAL)
-            try:
-                self.check()
-            except OSError as exc:  # the shared file: never let the watch die silently
-                log.warning("cannot record the socket directory's state: %s", exc)
+            self.check()
 
     def _record(self, problem: str | None) -> str | None:
         """The state the server was in before, when this process is the first to see
@@ -85,18 +82,29 @@ class DirectoryWatch:
         if self._state_file is None:
             previous, self._single = self._single, text
             return previous
-        fd = os.open(self._state_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            known = os.read(fd, 65536).decode(errors="replace") or _UNSEEN
-            if known == text:
-                return None
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.ftruncate(fd, 0)
-            os.write(fd, text.encode(errors="replace"))
-            return known
-        finally:
-            os.close(fd)  # releases the lock
+            return _exchange(self._state_file, text)
+        except OSError as exc:  # then each worker says it: twice is better than never
+            log.warning("cannot share the socket directory's state: %s", exc)
+            self._state_file = None
+            return self._record(problem)
+
+
+def _exchange(path: Path, text: str) -> str | None:
+    """Write ``text`` to the file at ``path`` and return what it held (:data:`_UNSEEN` when
+    nothing), under a lock; None, writing nothing, when it already held ``text``."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        known = os.read(fd, 65536).decode(errors="replace") or _UNSEEN
+        if known == text:
+            return None
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode(errors="replace"))
+        return known
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _log_start(targets: Targets, problem: str | None) -> None:
@@ -105,13 +113,15 @@ def _log_start(targets: Targets, problem: str | None) -> None:
     for target in targets.explicit.values():
         if not target.socket.exists():
             log.warning("target %s: socket %s does not exist (yet)", target.name, target.socket)
-    long_paths = [t.name for t in targets.explicit.values() if not fits_an_address(t.socket)]
+    long_paths = [str(t.socket) for t in targets.explicit.values() if not fits_an_address(t.socket)]
+    if not fits_an_address(targets.sockdir / "x.sock"):
+        long_paths.append(f"every socket in {targets.sockdir}")
     if long_paths and not os.path.isdir("/proc/self/fd"):
         log.warning(
-            "targets %s: socket paths longer than %d bytes are reached through /proc/self/fd, "
-            "and /proc is not mounted: they will fail",
-            ", ".join(long_paths),
+            "socket paths longer than %d bytes are reached through /proc/self/fd, and /proc is "
+            "not mounted: %s will fail",
             MAX_SOCKET_ADDRESS,
+            ", ".join(long_paths),
         )
 
 
