@@ -258,6 +258,9 @@ async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_chang
     directory refuses it like any user."""
     await upstreams.metrics(sockdir / "svc.sock", "svc 1\n")
     await upstreams.metrics(tmp_path / "explicit.sock", "explicit 1\n")
+    private = tmp_path / "private"
+    private.mkdir(mode=0)
+    (sockdir / "linked.sock").symlink_to(private / "svc.sock")
     os.chmod(sockdir, 0)
     port = free_port()
     aegis = children.start(
@@ -284,6 +287,8 @@ async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_chang
     os.chmod(sockdir, 0o755)
     await aegis.wait_for_output("is available again")
     assert await fresh_get(f"{url}/svc") == (200, b"svc 1\n")
+    # A link in a searchable directory to where Aegis may not look: that entry's failure.
+    assert await fresh_get(f"{url}/linked") == (502, b"permission denied\n")
     os.chmod(sockdir, 0o600)  # readable, not searchable: names can be listed, not reached
     deadline = time.monotonic() + 10
     while aegis.output().count("socket directory unavailable") < 2:
@@ -294,6 +299,7 @@ async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_chang
     log = aegis.output()
     assert log.count(f"socket directory unavailable: {sockdir}: permission denied") == 2, log
     assert log.count("is available again") == 1, log
+    assert f"directory {private} is root:root mode 0000" in log
     assert "Traceback" not in log
 
 

@@ -229,12 +229,13 @@ class Targets:
         )
 
     def _lookup_failure(self, exc: OSError, socket_path: str, *, in_directory: bool) -> Exception:
-        if in_directory:
-            problem = directory_problem(self._sockdir)
-            if problem is not None or exc.errno in (errno.EACCES, errno.EPERM):
-                return DirectoryUnavailable(problem or f"{self._sockdir}: permission denied")
-        elif isinstance(exc, PermissionError):
-            return exc  # an explicit socket: the handler explains which file and group
+        if in_directory and (problem := directory_problem(self._sockdir)) is not None:
+            return DirectoryUnavailable(problem)
+        if isinstance(exc, PermissionError):
+            # An explicit socket's, or with the directory searchable, where an entry of it links
+            # to: a name that exists, so it may be a label. The handler explains file and group
+            # of where the links lead.
+            return PermissionError(exc.errno, exc.strerror, os.path.realpath(socket_path))
         if exc.errno in _MISSING:
             return NoSuchTarget(f"{socket_path}: no such socket")
         return NoSuchTarget(f"{socket_path}: {_describe(exc)}")
