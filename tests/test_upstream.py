@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from conftest import AegisFactory, Upstreams
 
@@ -197,3 +198,86 @@ async def test_memory_stays_flat_while_a_100_mb_page_passes(
     assert received == len(chunk) * count
     # 100 MiB went through; the process grew by a small buffer's worth, not by the page.
     assert peak - baseline < 24 * 1024, f"peak RSS grew by {peak - baseline} KiB"
+
+
+async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def _close_after_partial_head(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+    await writer.drain()
+    writer.close()
+
+
+async def _reset_after_the_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.transport.abort()
+
+
+async def _reset_without_reading(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [_close_at_once, _close_after_partial_head, _reset_after_the_request, _reset_without_reading],
+)
+async def test_an_upstream_that_hangs_up_gives_a_counted_502_every_time(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    upstream: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What socat in front of a stopped exporter does: accept, then close."""
+    await upstreams.raw(sockdir / "svc.sock", upstream)  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    for _ in range(5):
+        response = await client.get("/svc")
+        assert response.status == 502, await response.text()
+    assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"}) == 5
+    errors = sum(
+        registry.get_sample_value("aegis_upstream_errors_total", {"target": "svc", "kind": kind})
+        or 0
+        for kind in ("reset", "stale", "protocol")
+    )
+    assert errors == 5
+    assert registry.get_sample_value("aegis_requests_in_flight") == 0
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_dead_idle_connection_is_retried_once_on_a_fresh_one(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """The idle connection answers nothing when reused, and every new one closes at once: one
+    retry, then a 502, never a loop."""
+    connections = 0
+
+    async def serve_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            writer.close()
+            return
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the reuse: closed without an answer
+        writer.close()
+
+    await upstreams.raw(sockdir / "svc.sock", serve_once)
+    client = await aegis()
+    assert (await client.get("/svc")).status == 200
+    response = await client.get("/svc")
+    assert response.status == 502
+    assert "closed before an answer" in await response.text()
+    assert connections == 2  # the idle one, and a single fresh one
