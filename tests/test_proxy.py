@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import os
@@ -11,14 +12,18 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import bcrypt
 import pytest
 from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from aegis import proxy
 from aegis.proxy import LIMITS_KEY, MAX_SCRAPE_TIMEOUT, Config, deadline, make_app
 from aegis.upstream import MAX_HEAD
+from aegis.webauth import setup_web_config
+from aegis.webconfig import load_web_config
 from conftest import AegisFactory, Upstreams, raw_http
 
 PAGE = "# TYPE up gauge\nup 1\n"
@@ -364,8 +369,6 @@ async def test_deadline_during_the_body_aborts_the_client(
 
 
 async def test_library_mounts_as_a_subapp(upstreams: Upstreams, sockdir: Path) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
-
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     outer = web.Application()
     outer.add_subapp("/aegis/", make_app(Config(sockdir=sockdir)))
@@ -424,6 +427,15 @@ def answer_once(answer: bytes, heads: list[bytes] | None = None):  # type: ignor
             await writer.drain()
 
     return serve
+
+
+async def recording_upstream(upstreams: Upstreams, path: Path) -> list[bytes]:
+    """A good upstream at ``path``; returns the request heads it receives, as bytes."""
+    heads: list[bytes] = []
+    await upstreams.raw(
+        path, answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nup 1\n", heads)
+    )
+    return heads
 
 
 def split_answer(answer: bytes) -> tuple[bytes, list[bytes], bytes]:
@@ -493,11 +505,7 @@ async def test_the_upstreams_date_is_kept_and_none_added(
 async def test_odd_bytes_in_every_request_header_go_to_the_upstream_as_they_came(
     aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
 ) -> None:
-    heads: list[bytes] = []
-    await upstreams.raw(
-        sockdir / "svc.sock",
-        answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nup 1\n", heads),
-    )
+    heads = await recording_upstream(upstreams, sockdir / "svc.sock")
     registry = CollectorRegistry()
     client = await aegis(registry=registry, max_concurrent_per_target=2)
     assert client.port is not None
@@ -668,3 +676,25 @@ async def test_an_unexpected_error_is_a_counted_502_logged_once(
     logged = [record for record in caplog.records if record.exc_info is not None]
     assert len(logged) == 3
     assert caplog.text.count("RuntimeError: injected bug") == 3
+
+
+async def test_with_basic_auth_odd_header_bytes_pass_and_credentials_do_not(
+    upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    heads = await recording_upstream(upstreams, sockdir / "svc.sock")
+    hashed = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode()
+    users = tmp_path / "web.yml"
+    users.write_text(f"basic_auth_users:\n  alice: '{hashed}'\n")
+    app = make_app(Config(sockdir=sockdir))
+    setup_web_config(app, load_web_config(users))
+    token = base64.b64encode(b"alice:wonderland")
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert client.port is not None
+        for value in (b"\xff", b"\xe2\x82\xac", b"caf\xe9"):
+            request = b"GET /svc HTTP/1.1\r\nHost: a\r\nAuthorization: Basic %s\r\nX-Odd: %s\r\n"
+            answer = await raw_http(
+                client.port, request % (token, value) + b"Connection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
+            assert b"\r\nX-Odd: %s\r\n" % value in heads[-1]
+            assert b"authorization" not in heads[-1].lower()

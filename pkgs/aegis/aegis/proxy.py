@@ -50,6 +50,14 @@ TARGETS_KEY = web.AppKey("aegis_targets", Targets)
 POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
+#: Set on a request by whatever checked its ``Authorization`` (basic auth in front of the proxy):
+#: those are Aegis' credentials, never forwarded. A flag rather than a copy of the request, whose
+#: headers aiohttp would re-encode from text (and fail on bytes that are not UTF-8).
+CREDENTIALS_CHECKED = (
+    web.RequestKey("aegis_credentials_checked", bool)  # type: ignore[attr-defined,unused-ignore]
+    if hasattr(web, "RequestKey")
+    else "aegis_credentials_checked"
+)
 
 #: Every way a scrape can fail before the upstream's answer starts, and what the scraper sees.
 FAILURE_STATUS = {
@@ -87,6 +95,7 @@ _HOP_BY_HOP = frozenset(
         b"x-forwarded-for",
     }
 )
+_HOP_BY_HOP_AUTHORIZATION = _HOP_BY_HOP | {b"authorization"}
 _SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 #: The longest upstream deadline a scraper's timeout header can ask for, in seconds; a longer
 #: ``--scrape.timeout`` raises it. Past it a scraper that hung up no longer holds a slot.
@@ -346,7 +355,7 @@ def _request_head(request: web.Request, path: str) -> bytes:
     query = request.rel_url.raw_query_string
     target = f"{path}?{query}" if query else path
     raw_headers = request.raw_headers
-    named = _HOP_BY_HOP
+    named = _HOP_BY_HOP_AUTHORIZATION if request.get(CREDENTIALS_CHECKED) else _HOP_BY_HOP
     for header, value in raw_headers:
         if header.lower() == b"connection":
             named = named.union(token.strip().lower() for token in value.split(b","))
