@@ -17,10 +17,10 @@ from aiohttp import web
 
 __all__ = ["Relayed", "relayed_fields"]
 
-# What aiohttp puts in a response's headers in prepare() on its own: framing for this
-# connection, and defaults that are not relayed.
+# What aiohttp puts in a response's headers in prepare() on its own (spelt as it does): framing
+# for this connection, and defaults that are not relayed.
 _ADDED_BY_AIOHTTP = frozenset(
-    {"content-length", "transfer-encoding", "connection", "date", "server", "content-type"}
+    {"Content-Length", "Transfer-Encoding", "Connection", "Date", "Server", "Content-Type"}
 )
 _HOP_BY_HOP = frozenset(
     {
@@ -94,7 +94,7 @@ class Relayed(web.StreamResponse):
         framing = self.headers
         version = b"HTTP/1.1 " if request.version >= (1, 1) else b"HTTP/1.0 "
         parts = [version, b"%d %s\r\n" % (self.status, reason)]
-        own = [(k, v) for k, v in framing.items() if k.lower() not in _ADDED_BY_AIOHTTP]
+        own = [(k, v) for k, v in framing.items() if k not in _ADDED_BY_AIOHTTP]
         if own:  # set by a hook: they replace the upstream's fields of the same name
             replaced = {name.lower().encode() for name, _ in own}
             fields = [field for field in fields if field[0].lower() not in replaced]
@@ -109,5 +109,8 @@ class Relayed(web.StreamResponse):
         if not has_date:
             parts.append(b"Date: %s\r\n" % framing["Date"].encode())
         parts.append(b"\r\n")
-        parts.append(self._relayed_body)
-        transport.write(b"".join(parts))
+        if body := self._relayed_body:
+            parts.append(body)
+            transport.writelines(parts)  # one system call, the page not copied
+        else:
+            transport.write(b"".join(parts))
