@@ -698,3 +698,26 @@ async def test_with_basic_auth_odd_header_bytes_pass_and_credentials_do_not(
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
             assert b"\r\nX-Odd: %s\r\n" % value in heads[-1]
             assert b"authorization" not in heads[-1].lower()
+
+
+async def test_endless_trailers_are_cut_off_at_the_bound(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    trailer = b"X-Trailer: " + b"t" * 200_000  # never ends: the upstream then waits
+    await upstreams.raw(
+        sockdir / "svc.sock",
+        raw_answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"10000\r\n" + b"x" * 0x10000 + b"\r\n0\r\n",
+            trailer,
+            then_close=False,
+        ),
+    )
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry, scrape_timeout=30)
+    response = await client.get("/svc")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    labels = {"target": "svc", "kind": "too_large"}
+    assert registry.get_sample_value("aegis_upstream_errors_total", labels) == 1

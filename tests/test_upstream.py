@@ -11,7 +11,7 @@ from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import AegisFactory, Upstreams
+from conftest import AegisFactory, Upstreams, raw_http
 
 
 class KeepAliveService:
@@ -281,3 +281,27 @@ async def test_a_dead_idle_connection_is_retried_once_on_a_fresh_one(
     assert response.status == 502
     assert "closed before an answer" in await response.text()
     assert connections == 2  # the idle one, and a single fresh one
+
+
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+async def test_a_streamed_page_reaches_an_http_1_0_client_delimited_by_the_close(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, connection: bytes
+) -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"up", b" 1\n"):
+            await asyncio.sleep(0.05)  # not whole with the head: the streaming path
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    await upstreams.raw(sockdir / "svc.sock", trickle)
+    client = await aegis()
+    assert client.port is not None
+    answer = await raw_http(client.port, b"GET /svc HTTP/1.0\r\n" + connection + b"\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"up 1\n"  # and then the connection closed: raw_http read to the end
