@@ -167,8 +167,10 @@ class Exchange(asyncio.Protocol):
         self._unproductive += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            pass  # a callback stopped the parser, having decided what this exchange comes to
+        except httptools.HttpParserCallbackError as exc:
+            # Usually a callback stopped the parser, having decided the outcome (then this is a
+            # no-op); anything else raised in a callback still ends the exchange.
+            self._fail(UpstreamError("protocol", f"upstream answer refused: {exc.__context__!r}"))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "upstream switched protocols"))
         except httptools.HttpParserError as exc:
