@@ -7,8 +7,14 @@ Build the application with :func:`make_app` and run it, or mount it in another a
     outer.add_subapp("/aegis/", make_app(Config(sockdir=Path("/run/metrics"))))
 
 Failures map to statuses in one place (:data:`FAILURE_STATUS`); a scrape either returns what the
-service returned, untouched, or fails visibly — a page cut short aborts the connection, so it is
-never taken for a complete 200.
+service returned, untouched (:mod:`aegis.relay`), or fails visibly — a page cut short aborts the
+connection, so it is never taken for a complete 200. Each request for a target runs inside one
+scope (:class:`_Scrape`) that gives back everything the scrape took and counts it once, whatever
+way it ends; an error nobody foresaw is still a counted, logged 502.
+
+A scraper that hangs up cancels its upstream exchange at once when the server cancels handlers of
+lost connections (aiohttp's ``handler_cancellation=True``, as the ``aegis`` command runs);
+otherwise the exchange runs to its deadline, capped at :data:`MAX_SCRAPE_TIMEOUT`.
 """
 
 from __future__ import annotations
