@@ -20,6 +20,7 @@ from aegisrun import Aegis, Children, needs_aegis, worker_pids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ownmetrics import own_metrics, total
+from prometheus_client.samples import Sample
 
 from conftest import Upstreams
 
@@ -215,14 +216,15 @@ def footprint(parent: int) -> tuple[int, int]:
     return rss, fds
 
 
-async def counted(port: int, expected: int) -> list[object]:
+async def counted(port: int, expected: int) -> list[Sample]:
     """Own metrics once every request is counted (a hang-up is counted a moment after it)."""
+    samples = await own_metrics(port)
     for _ in range(100):
-        samples = await own_metrics(port)
         if total(samples, "aegis_requests_total") >= expected:
             break
         await asyncio.sleep(0.1)
-    return samples  # type: ignore[return-value]
+        samples = await own_metrics(port)
+    return samples
 
 
 async def start(children: Children, sockdir: Path) -> tuple[Aegis, int]:
