@@ -14,6 +14,7 @@
   uvloop,
 
   # tests
+  hypothesis,
   prometheus,
   pytest-aiohttp,
   pytestCheckHook,
@@ -62,6 +63,7 @@ buildPythonPackage {
 
   nativeCheckInputs = [
     # prometheus and promtool, for the end-to-end tests that scrape through Aegis
+    hypothesis # the property-based part of tests/test_chaos.py
     prometheus
     pytest-aiohttp
     pytestCheckHook
