@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, multiproc
+from . import __version__, logs, multiproc
 from .config import Config, ConfigError, parse_duration
 from .configfile import load_targets
 from .proxy import make_app
@@ -67,6 +67,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return value
+
+
+def _log_level(text: str) -> str:
+    level = "warn" if text == "warning" else text  # the name earlier versions used
+    if level not in logs.LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(logs.LEVELS)}")
+    return level
 
 
 def _listener(text: str) -> Listener:
@@ -235,8 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--log.level",
         dest="log_level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: %(default)s)",
+        type=_log_level,
+        metavar="{" + ",".join(logs.LEVELS) + "}",
+        help="only log messages at this level and above (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log.format",
+        dest="log_format",
+        default="logfmt",
+        choices=logs.FORMATS,
+        help="log lines as Prometheus writes them: logfmt or json (default: %(default)s)",
     )
     parser.add_argument("--version", action="version", version=f"aegis {__version__}")
     return parser
@@ -245,9 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     targets: dict[str, Target] = {}
     for target in args.target:
         if target.name in targets:
@@ -283,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_header_timeout=args.read_header_timeout,
         idle_timeout=args.idle_timeout,
     )
-    # The original's start line, to the letter: HOSTPORT -> SOCKDIR.
-    log.info("%s -> %s", ", ".join(map(str, listeners)), args.sockdir)
+    # The original's start line, HOSTPORT -> SOCKDIR, with the directory the workers will scan.
+    log.info("%s -> %s", ", ".join(map(str, listeners)), os.path.abspath(args.sockdir))
     if serving.ssl_context:
         log.info("serving TLS only (%s)", args.web_config)
     try:
