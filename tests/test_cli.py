@@ -127,6 +127,8 @@ def test_python_dash_m_aegis_is_the_same_command():
         (["--target", "bad"], "--target", "bad"),
         (["--target", "../x=/run/x.sock"], "--target", "../x"),
         (["--scrape.timeout", "soon"], "--scrape.timeout", "soon"),
+        (["--scrape.timeout", "10"], "--scrape.timeout", "'10'"),
+        (["--web.idle-timeout=1.5s"], "--web.idle-timeout", "'1.5s'"),
         (["--log.level", "loud"], "--log.level", "loud"),
         (["--log.format", "text"], "--log.format", "text"),
         (["--no-such-flag"], "--no-such-flag", ""),

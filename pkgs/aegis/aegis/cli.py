@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="timeout_offset",
         metavar="DURATION",
         type=_duration,
-        default="0.5s",
+        default="500ms",
         help="subtracted from the scraper's timeout, so Aegis answers 504 before it gives up "
         "(default: %(default)s)",
     )
