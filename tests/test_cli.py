@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import re
 import socket
 import struct
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aegisrun import (
     AEGIS,
@@ -23,6 +25,8 @@ from aegisrun import (
     worker_pids,
 )
 from aiohttp import web
+
+from aegis import __version__
 
 pytestmark = needs_aegis
 
@@ -218,3 +222,16 @@ async def test_two_workers_share_the_port_and_both_answer(children, upstreams, s
     answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(40)))
     assert answers == [(200, b"shared_value 2\n")] * 40
     assert set(callers) == set(workers)
+
+
+@pytest.mark.parametrize("flag", ["-version", "--version"])
+def test_version_prints_what_exporters_print(flag):
+    done = run(flag)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"aegis, version {__version__}"
+    fields = dict(line.strip().split(":", 1) for line in lines[1:])
+    assert fields["python version"].strip().startswith(platform.python_version() + " ")
+    assert fields["aiohttp version"].strip() == aiohttp.__version__
+    assert fields["platform"].strip().startswith("linux/")
+    assert done.stderr == ""

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import logging
 import os
+import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from . import __version__, logs, multiproc
@@ -103,6 +106,37 @@ def _target(text: str) -> Target:
         return Target(name, Path(socket), path)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armv7l": "arm"}
+
+
+def version_text() -> str:
+    """What ``--version`` prints, in the shape of Prometheus' ``version.Print``."""
+    try:
+        loop = f"uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        loop = "asyncio"
+    machine = platform.machine()
+    return (
+        f"aegis, version {__version__}\n"
+        f"  python version:   {platform.python_version()} ({platform.python_implementation()})\n"
+        f"  aiohttp version:  {aiohttp.__version__}\n"
+        f"  event loop:       {loop}\n"
+        f"  platform:         {platform.system().lower()}/{_GO_ARCH.get(machine, machine)}\n"
+    )
+
+
+class _PrintVersion(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=logs.FORMATS,
         help="log lines as Prometheus writes them: logfmt or json (default: %(default)s)",
     )
-    parser.add_argument("--version", action="version", version=f"aegis {__version__}")
+    parser.add_argument(
+        "-version",
+        "--version",
+        action=_PrintVersion,
+        nargs=0,
+        help="print what aegis, Python and aiohttp this is, and exit",
+    )
     return parser
 
 
