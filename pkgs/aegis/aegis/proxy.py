@@ -119,8 +119,8 @@ def make_app(
     async def service_discovery(request: web.Request) -> web.Response:
         return await discovery.service_discovery(request, targets, external)
 
-    async def own_metrics(_: web.Request) -> web.Response:
-        return await serve_metrics(registry)
+    async def own_metrics(request: web.Request) -> web.Response:
+        return await serve_metrics(request, registry)
 
     # Names never start with "-", so the reserved /-/ paths can never shadow a target.
     app.router.add_get("/", landing)
