@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def _log_level(text: str) -> str:
     if level not in logs.LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(logs.LEVELS)}")
     return level
+
+
+def _route_prefix(given: str | None, external_url: str) -> str:
+    """Prometheus' rule: the external URL's path unless --web.route-prefix says otherwise."""
+    if given is not None:
+        return given
+    return urllib.parse.urlsplit(external_url).path or "/"
 
 
 def _listener(text: str) -> Listener:
@@ -200,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the Host each client used)",
     )
     parser.add_argument(
+        "--web.route-prefix",
+        dest="route_prefix",
+        metavar="PATH",
+        help="serve every path under this prefix, e.g. /aegis for a reverse proxy that passes "
+        "/aegis/NAME on unchanged; / is the root (default: the path of --web.external-url)",
+    )
+    parser.add_argument(
         "--web.systemd-socket",
         dest="systemd_socket",
         action="store_true",
@@ -321,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scrape_timeout=args.scrape_timeout,
             timeout_offset=args.timeout_offset,
             external_url=args.external_url,
+            route_prefix=_route_prefix(args.route_prefix, args.external_url),
             max_concurrent=args.max_concurrent,
             max_concurrent_per_target=args.max_concurrent_per_target,
         )

@@ -58,6 +58,25 @@ def _what_is_wrong(text: str) -> str:
     return "expected whole numbers with units, as in 10s, 1m30s, 250ms"
 
 
+# Path characters that need no escaping and mean nothing to aiohttp's route patterns ({}).
+_ROUTE_PREFIX = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+
+
+def normalize_route_prefix(text: str) -> str:
+    """``/`` and one leading slash, no trailing one, as Prometheus treats ``--web.route-prefix``
+    (``aegis/`` is ``/aegis``); refuses what would not be one plain path."""
+    prefix = "/" + text.strip("/")
+    segments = prefix.split("/")[1:]
+    if not _ROUTE_PREFIX.fullmatch(prefix) or (
+        prefix != "/" and any(part in ("", ".", "..") for part in segments)
+    ):
+        raise ConfigError(
+            f"route prefix {text!r}: must be a plain path like /aegis "
+            "(letters, digits and -._~!$&'()*+,;=:@ between single slashes)"
+        )
+    return prefix
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything :func:`aegis.proxy.make_app` needs.
@@ -80,6 +99,9 @@ class Config:
     #: How scrapers reach Aegis (``https://host:port/prefix``), for ``/-/sd``; "" means the way
     #: each client did (its Host header).
     external_url: str = ""
+    #: Where every path is served: ``/aegis`` serves ``/aegis/``, ``/aegis/NAME``,
+    #: ``/aegis/-/metrics``..., and redirects ``/`` there; ``/`` is the root.
+    route_prefix: str = "/"
     #: Upstream exchanges in flight at once, per worker process; past it, 503 at once.
     max_concurrent: int = 256
     #: The same for each target, so one slow service cannot take every slot.
@@ -107,6 +129,7 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_idle_per_socket < 0:
             raise ConfigError("max_idle_per_socket must not be negative")
+        object.__setattr__(self, "route_prefix", normalize_route_prefix(self.route_prefix))
         if self.external_url:
             try:
                 ExternalURL.parse(self.external_url)
