@@ -180,7 +180,11 @@ def test_configure_sends_every_logger_through_the_format_at_the_level() -> None:
     saved = root.handlers[:], root.level
     stream = io.StringIO()
     try:
-        configure("warn", "json", stream)
+        configure("info", "logfmt", io.StringIO())
+        configure("warn", "json", stream)  # replaces the first, keeps pytest's own handlers
+        assert [h.name for h in root.handlers].count("aegis.logs") == 1
+        others = [h for h in saved[0] if h.name != "aegis.logs"]
+        assert [h for h in root.handlers if h.name != "aegis.logs"] == others
         logging.getLogger("aegis.anything").info("not shown")
         logging.getLogger("aiohttp.server").warning("shown %d", 1)
     finally:

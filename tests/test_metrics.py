@@ -299,6 +299,12 @@ async def test_openmetrics_when_the_scraper_asks_for_it(
         ("text/plain", "text/plain; version=0.0.4"),
         ("application/json", "text/plain; version=0.0.4"),
         ("application/openmetrics-text", "application/openmetrics-text; version=1.0.0"),
+        (  # Prometheus 3, which would rather have protobuf
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+            "encoding=delimited;q=0.6,application/openmetrics-text;version=1.0.0;"
+            "escaping=allow-utf-8;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4",
+            "application/openmetrics-text; version=1.0.0",
+        ),
     ],
 )
 async def test_the_text_format_otherwise(

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
 import pytest
 from aegisrun import AEGIS, Children, child_env, free_port, needs_aegis
+from prometheusrun import PROMETHEUS, Prometheus
 
 from aegis.config import Config, ConfigError
 from conftest import AegisFactory, Upstreams
@@ -141,3 +144,41 @@ def test_a_bad_route_prefix_stops_the_command_naming_it(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "route prefix '/a b'" in done.stderr.splitlines()[-1]
+
+
+@needs_aegis
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian: prometheus)")
+async def test_prometheus_finds_and_scrapes_everything_under_the_prefix(
+    children: Children,
+    prometheus: Callable[[str], Prometheus],
+    upstreams: Upstreams,
+    sockdir: Path,
+) -> None:
+    """A real Prometheus: targets from /aegis/-/sd, and Aegis's own /aegis/-/metrics, which it
+    asks for as OpenMetrics."""
+    await upstreams.metrics(sockdir / "node.sock", "node_up 1\n")
+    port = free_port()
+    child = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1"),
+        *("--web.external-url", f"http://127.0.0.1:{port}/aegis"),
+    )
+    await child.ready("127.0.0.1", port)
+    server = prometheus(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
+        f"  - job_name: sd\n    http_sd_configs:\n      - url: http://127.0.0.1:{port}/aegis/-/sd\n"
+        "        refresh_interval: 1s\n"
+        f"  - job_name: aegis\n    metrics_path: /aegis/-/metrics\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+    )
+
+    def both_up(result: list[dict[str, Any]]) -> bool:
+        return {r["metric"]["job"] for r in result if r["value"][1] == "1"} >= {"sd", "aegis"}
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await server.wait_for_up(session, both_up, within=60)
+        up = {r["metric"]["job"]: r["metric"] for r in await server.query(session, "up")}
+        assert up["sd"]["target"] == "node"
+        assert (await server.query(session, "node_up"))[0]["value"][1] == "1"
+        served = await server.query(session, 'aegis_requests_total{target="node",code="200"}')
+        assert served
+        assert served[0]["metric"]["job"] == "aegis"

@@ -50,6 +50,7 @@ _LEVEL_NAMES = {
     logging.CRITICAL: "error",
 }
 _FIXED = ("time", "level", "source", "msg")
+_HANDLER_NAME = "aegis.logs"
 # What every LogRecord has: anything else in its __dict__ came from ``extra=``.
 _RECORD_ATTRS = frozenset(
     {
@@ -156,10 +157,12 @@ class JSONFormatter(logging.Formatter):
 def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:
     """Send every logger's records at ``level`` and above to ``stream`` (stderr) in ``fmt``."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
     root = logging.getLogger()
     for old in root.handlers[:]:
-        root.removeHandler(old)
+        if old.name == _HANDLER_NAME:  # a second call replaces the first; others stay
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
 
