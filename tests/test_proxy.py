@@ -55,7 +55,7 @@ async def test_sockdir_missing_at_start_is_served_once_it_appears(
     later = tmp_path / "later"
     client = await aegis(sockdir=later)
     assert "does not exist" in caplog.text
-    assert (await client.get("/svc")).status == 404
+    assert (await client.get("/svc")).status == 503
     later.mkdir()
     await upstreams.metrics(later / "svc.sock", PAGE)
     response = await client.get("/svc")

@@ -3,8 +3,10 @@ that passes paths on unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,10 @@ async def test_prometheus_finds_and_scrapes_everything_under_the_prefix(
         up = {r["metric"]["job"]: r["metric"] for r in await server.query(session, "up")}
         assert up["sd"]["target"] == "node"
         assert (await server.query(session, "node_up"))[0]["value"][1] == "1"
-        served = await server.query(session, 'aegis_requests_total{target="node",code="200"}')
-        assert served
+        # Aegis counts the node scrape; its own next scrape (every second) reports it.
+        query = 'aegis_requests_total{target="node",code="200"}'
+        deadline = time.monotonic() + 30
+        while not (served := await server.query(session, query)):
+            assert time.monotonic() < deadline, server.output()
+            await asyncio.sleep(0.2)
         assert served[0]["metric"]["job"] == "aegis"

@@ -26,9 +26,10 @@ from prometheus_client import CollectorRegistry
 
 from . import discovery
 from .config import Config, ConfigError, parse_duration
+from .dirwatch import DirectoryWatch
 from .limits import Limits
 from .metrics import ProxyMetrics, serve_metrics
-from .targets import BadName, NoSuchTarget, Target, Targets
+from .targets import BadName, DirectoryUnavailable, NoSuchTarget, Target, Targets
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
 __all__ = ["FAILURE_STATUS", "Config", "ConfigError", "Target", "make_app", "parse_duration"]
@@ -40,6 +41,7 @@ TARGETS_KEY = web.AppKey("aegis_targets", Targets)
 POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
+WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
 
 #: Every way a scrape can fail before the upstream's answer starts, and what the scraper sees.
 FAILURE_STATUS = {
@@ -49,6 +51,7 @@ FAILURE_STATUS = {
     "gone": 502,
     "connect": 502,
     "permission": 502,
+    "directory": 503,
     "reset": 502,
     "stale": 502,
     "truncated": 502,
@@ -106,8 +109,10 @@ def make_app(
     registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
     app[TARGETS_KEY] = targets
+    # Several workers share the multiprocess directory: one of them logs each directory change.
+    watch = app[WATCH_KEY] = DirectoryWatch(targets, shared=multiprocess_dir)
     app[METRICS_KEY] = ProxyMetrics(
-        registry, lambda: len(targets.names()), multiprocess_dir=multiprocess_dir
+        registry, watch.count_targets, multiprocess_dir=multiprocess_dir
     )
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
     app.cleanup_ctx.append(_upstream_pool)
@@ -149,17 +154,14 @@ def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.StreamR
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
-    if not config.sockdir.is_dir():
-        log.warning("socket directory %s does not exist (yet): answering 404", config.sockdir)
-    for target in config.targets.values():
-        if not target.socket.exists():
-            log.warning("target %s: socket %s does not exist (yet)", target.name, target.socket)
     pool = UpstreamPool(
         max_idle_per_socket=config.max_idle_per_socket,
         idle_timeout=config.upstream_idle_timeout,
     )
     app[POOL_KEY] = pool
-    yield
+    # Logs the directory's state and missing explicit sockets at start, then each change.
+    async with app[WATCH_KEY].running():
+        yield
     pool.close()
 
 
@@ -186,7 +188,7 @@ def _failure(
     status = FAILURE_STATUS[kind]
     metrics.error(target, kind)
     metrics.request(target, status)
-    if kind in ("unknown", "overloaded"):
+    if kind in ("unknown", "overloaded", "directory"):
         level = logging.DEBUG  # a flood of random names or refusals must not flood the log
     else:
         level = logging.INFO if status < 500 else logging.WARNING
@@ -213,6 +215,9 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
         return _failure(metrics, "bad_name", "", repr(name)[:120], f"bad target name: {exc}")
     except NoSuchTarget as exc:
         return _failure(metrics, "unknown", "", name, "no such target", str(exc))
+    except DirectoryUnavailable as exc:
+        # Never the name as a label: with the directory gone, any name fails this way.
+        return _failure(metrics, "directory", "", name, "socket directory unavailable", exc.reason)
     except PermissionError as exc:
         detail = _permission_detail(str(exc.filename))
         return _failure(metrics, "permission", name, name, "permission denied", detail)
@@ -229,7 +234,7 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
     try:
         async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
             conn = await pool.send(
-                endpoint.socket, endpoint.identity, request_head, head_only=head_only
+                endpoint.address, endpoint.identity, request_head, head_only=head_only
             )
             reason = conn.reason or None
             first = b"" if head_only else await conn.read()
