@@ -1,7 +1,8 @@
 """``aegis``: argv → configuration → :func:`aegis.server.serve`. Nothing else lives here.
 
 The original program's flags keep working in every spelling its users and its NixOS unit use:
-``-hostport X``, ``-hostport=X``, ``--hostport X`` and ``--hostport=X`` (likewise ``-sockdir``).
+``-hostport X``, ``-hostport=X``, ``--hostport X`` and ``--hostport=X`` (likewise ``-sockdir``;
+``-version`` as well).
 """
 
 from __future__ import annotations
