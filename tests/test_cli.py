@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import platform
+import re
 import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aegisrun import (
     AEGIS,
@@ -20,19 +26,36 @@ from aegisrun import (
 )
 from aiohttp import web
 
+from aegis import __version__
+
 pytestmark = needs_aegis
 
 
 def logs_start_line(output: str, hostport: str, sockdir: object) -> bool:
     """The original's start line, HOSTPORT -> SOCKDIR, is the whole message of one log line."""
-    return any(line.endswith(f" aegis: {hostport} -> {sockdir}") for line in output.splitlines())
+    return any(f' msg="{hostport} -> {sockdir}"' in line for line in output.splitlines())
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert AEGIS is not None
     return subprocess.run(
-        [AEGIS, *args], capture_output=True, text=True, env=child_env(), timeout=60, check=False
+        [AEGIS, *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+        cwd=cwd,
     )
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port something else listens on: aegis logs its start line, then fails."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
 
 
 # Every spelling the Go original (flag package) and its NixOS unit accept.
@@ -108,7 +131,10 @@ def test_python_dash_m_aegis_is_the_same_command():
         (["--target", "bad"], "--target", "bad"),
         (["--target", "../x=/run/x.sock"], "--target", "../x"),
         (["--scrape.timeout", "soon"], "--scrape.timeout", "soon"),
+        (["--scrape.timeout", "10"], "--scrape.timeout", "'10'"),
+        (["--web.idle-timeout=1.5s"], "--web.idle-timeout", "'1.5s'"),
         (["--log.level", "loud"], "--log.level", "loud"),
+        (["--log.format", "text"], "--log.format", "text"),
         (["--no-such-flag"], "--no-such-flag", ""),
     ],
 )
@@ -123,15 +149,49 @@ def test_a_bad_flag_value_exits_2_naming_the_flag(args, flag, value):
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_port_in_use_exits_1_naming_the_address(workers):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = run("-hostport", f"127.0.0.1:{port}", "--workers", workers)
+def test_a_port_in_use_exits_1_naming_the_address(workers, taken_port):
+    done = run("-hostport", f"127.0.0.1:{taken_port}", "--workers", workers)
     assert done.returncode == 1, done.stderr
-    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_logs_are_logfmt_and_the_start_line_names_the_directory_absolute(tmp_path, taken_port):
+    done = run("-hostport", f"127.0.0.1:{taken_port}", "-sockdir", "./run", cwd=tmp_path)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2, done.stderr
+    start = re.fullmatch(
+        r"time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d) level=info "
+        r'source=cli\.py:\d+ msg="(.*)"',
+        lines[0],
+    )
+    assert start is not None, lines[0]
+    assert start.group(2) == f"127.0.0.1:{taken_port} -> {tmp_path / 'run'}"
+    assert " level=error source=cli.py:" in lines[1]
+
+
+def test_log_format_json_is_one_object_per_line(taken_port):
+    done = run("-hostport", f"127.0.0.1:{taken_port}", "--log.format", "json")
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["level"], list(line)) for line in lines] == [
+        ("info", ["time", "level", "source", "msg"]),
+        ("error", ["time", "level", "source", "msg"]),
+    ]
+    assert lines[0]["msg"].startswith(f"127.0.0.1:{taken_port} -> /")
+
+
+@pytest.mark.parametrize(("level", "shown"), [("error", 1), ("warn", 1), ("warning", 1)])
+def test_log_level_hides_what_is_below_it(taken_port, level, shown):
+    done = run("-hostport", f"127.0.0.1:{taken_port}", "--log.level", level)
+    assert len(done.stderr.splitlines()) == shown, done.stderr
+    assert " level=error " in done.stderr
+
+
+async def test_with_two_workers_the_parent_lines_are_written_once(children, sockdir):
+    aegis, _ = await children.serve(sockdir, "--workers", "2")
+    output = await aegis.wait_for_output("2 workers: ")
+    assert sum(" -> " in line for line in output.splitlines()) == 1, output
+    assert output.count("2 workers: ") == 1, output
 
 
 async def test_two_workers_share_the_port_and_both_answer(children, upstreams, sockdir):
@@ -162,3 +222,16 @@ async def test_two_workers_share_the_port_and_both_answer(children, upstreams, s
     answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(40)))
     assert answers == [(200, b"shared_value 2\n")] * 40
     assert set(callers) == set(workers)
+
+
+@pytest.mark.parametrize("flag", ["-version", "--version"])
+def test_version_prints_what_exporters_print(flag):
+    done = run(flag)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"aegis, version {__version__}"
+    fields = dict(line.strip().split(":", 1) for line in lines[1:])
+    assert fields["python version"].strip().startswith(platform.python_version() + " ")
+    assert fields["aiohttp version"].strip() == aiohttp.__version__
+    assert fields["platform"].strip().startswith("linux/")
+    assert done.stderr == ""

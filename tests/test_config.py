@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aegis.cli import main
-from aegis.config import ConfigError
+from aegis.config import ConfigError, parse_duration
 from aegis.configfile import load_targets
 from aegis.targets import Target
 from conftest import AegisFactory, Upstreams
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored() -> Iterator[None]:
+    """main() sets up logging as the command does; later tests must not write through it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -137,3 +154,102 @@ async def test_missing_explicit_socket_is_a_warning_at_start_not_a_failure(
     assert f"target later: socket {later} does not exist (yet)" in caplog.text
     assert (await client.get("/later")).status == 404
     assert (await client.get("/-/healthy")).status == 200
+
+
+# Durations: Prometheus' syntax (model.ParseDuration), one parser for every flag.
+_UNIT_SECONDS = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(list(_UNIT_SECONDS)), st.integers(0, 999)),
+        min_size=1,
+        unique_by=lambda part: part[0],
+    )
+)
+def test_whole_numbers_with_units_biggest_first_add_up(parts: list[tuple[str, int]]) -> None:
+    parts.sort(key=lambda part: list(_UNIT_SECONDS).index(part[0]))
+    text = "".join(f"{number}{unit}" for unit, number in parts)
+    expected = sum(number * _UNIT_SECONDS[unit] for unit, number in parts)
+    if expected > (2**63 - 1) / 1e9:  # past Go's time.Duration, as Prometheus refuses
+        with pytest.raises(ValueError, match="out of range"):
+            parse_duration(text)
+    else:
+        assert parse_duration(text) == pytest.approx(expected)
+
+
+@given(st.integers(0, 10**6).map(str).filter(lambda text: text != "0"))
+def test_a_number_without_a_unit_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="a number needs a unit"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0", 0.0), ("10s", 10.0), ("1m30s", 90.0), ("250ms", 0.25), ("1d", 86400.0), ("0s", 0.0)],
+)
+def test_durations_prometheus_accepts(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("10", "a number needs a unit"),
+        ("1.5s", "whole numbers only"),
+        ("0.5s", "whole numbers only"),
+        ("10x", "unknown unit 'x'"),
+        ("10S", "unknown unit 'S'"),
+        ("10us", "unknown unit 'us'"),
+        ("30s1m", "biggest to the smallest"),
+        ("1m1m", "biggest to the smallest"),
+        ("", "expected whole numbers"),
+        (" 10s", "expected whole numbers"),
+        ("-1s", "expected whole numbers"),
+        ("s", "expected whole numbers"),
+        ("300y", "out of range"),
+    ],
+)
+def test_durations_prometheus_refuses(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_duration(text)
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
+def test_prometheus_itself_agrees_on_what_is_a_duration(tmp_path: Path) -> None:
+    """promtool reads each text as an alerting rule's ``for:``, which is a model.Duration."""
+    texts = ["0", "10", "0s", "1m30s", "250ms", "1.5s", "30s1m", "1m1m", "2w3d", "10x", "1h0m"]
+    files = []
+    for i, text in enumerate(texts):
+        path = tmp_path / f"rules{i}.yml"
+        path.write_text(
+            f'groups:\n- name: g\n  rules:\n  - alert: A\n    expr: up == 0\n    for: "{text}"\n'
+        )
+        files.append(path)
+    assert PROMTOOL is not None
+    done = subprocess.run(
+        [PROMTOOL, "check", "rules", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    for text, path in zip(texts, files, strict=True):
+        try:
+            parse_duration(text)
+            ours = True
+        except ValueError:
+            ours = False
+        prometheus = f"Checking {path}\n  SUCCESS" in output
+        assert ours == prometheus, f"{text!r}: aegis {ours}, promtool {prometheus}\n{output}"
+
+
+def test_a_duration_flag_without_a_unit_is_an_error_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--scrape.timeout", "10"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("aegis: error: argument --scrape.timeout: '10' is not a duration")

@@ -257,7 +257,7 @@ async def test_keep_alive_requests_after_a_pause_are_served(
     """The head deadline starts at a request's first byte, not at the previous response."""
     await upstreams.metrics(sockdir / "node.sock", PAGE)
     _, port = await start_aegis(
-        children, sockdir, "--web.read-header-timeout=0.5s", "--web.idle-timeout=10s"
+        children, sockdir, "--web.read-header-timeout=500ms", "--web.idle-timeout=10s"
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

@@ -59,7 +59,7 @@ async def test_default_listener_only_when_none_is_given(
     port = free_port()
     child = children.start("--web.listen-address", f"127.0.0.1:{port}", "-sockdir", str(sockdir))
     await child.ready("127.0.0.1", port)
-    assert f" aegis: 127.0.0.1:{port} -> {sockdir}\n" in child.output()
+    assert f' msg="127.0.0.1:{port} -> {sockdir}"\n' in child.output()
 
 
 async def test_systemd_socket_activation_serves_the_passed_socket(
@@ -87,7 +87,7 @@ async def test_systemd_socket_activation_serves_the_passed_socket(
         assert await scrape(f"http://127.0.0.1:{port}/node") == (200, PAGE)
         assert await scrape(f"http://127.0.0.1:{port}/node") == (200, PAGE)
         # The passed socket and no default listener beside it.
-        assert f" aegis: fd:3 -> {sockdir}\n" in child.output()
+        assert f' msg="fd:3 -> {sockdir}"\n' in child.output()
         assert await child.stop() == 0
 
 

@@ -4,6 +4,7 @@ sum over several worker processes."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import os
 import shutil
@@ -18,6 +19,9 @@ import pytest
 from aegisrun import free_port
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import AegisFactory, Upstreams
@@ -33,6 +37,23 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, frozenset(labels.items())), 0.0)
+
+
+# What Prometheus 2.x and 3.x send when they scrape.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def openmetrics_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Through prometheus_client's OpenMetrics parser, which refuses anything not to the letter
+    (a missing ``# EOF``, a counter without ``_total``)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in openmetrics_families(text)
+        for sample in family.samples
+    }
 
 
 async def scrape(client: object) -> str:
@@ -158,11 +179,11 @@ async def test_metrics_go_to_the_given_registry_and_not_the_global_one(
 # -- several worker processes -------------------------------------------------------------------
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
+def _get(port: int, path: str, **headers: str) -> tuple[int, bytes]:
     """One request on a fresh connection, so the kernel may hand it to either worker."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", path, headers={"Connection": "close"})
+        conn.request("GET", path, headers={"Connection": "close", **headers})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -230,6 +251,15 @@ def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
             assert value(text, "aegis_upstream_duration_seconds_count", target="app") == answered
             assert value(text, "aegis_requests_in_flight") == 0  # scrapes of Aegis don't count
             assert value(text, "aegis_targets") == 1
+            status, body = _get(port, "/-/metrics", Accept=PROMETHEUS_ACCEPT)
+            assert status == 200
+            families = openmetrics_samples(body.decode())
+            assert (
+                families[
+                    ("aegis_requests_total", frozenset({"target": "app", "code": "200"}.items()))
+                ]
+                == answered
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
@@ -237,3 +267,61 @@ def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
         upstream.wait(timeout=10)
     assert code == 0
     assert not (runtime / "metrics").exists()  # removed at exit
+
+
+async def test_openmetrics_when_the_scraper_asks_for_it(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "good.sock", "up 1\n")
+    client = await aegis()
+    assert (await client.get("/good")).status == 200
+    response = await client.get("/-/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith(
+        "application/openmetrics-text; version=1.0.0"
+    )
+    text = await response.text()
+    assert text.endswith("# EOF\n")
+    found = openmetrics_samples(text)
+    assert (
+        found[("aegis_requests_total", frozenset({"target": "good", "code": "200"}.items()))] == 1
+    )
+    assert found[("aegis_targets", frozenset())] == 1
+    # The same values as the text format gives a scraper that asks for nothing in particular.
+    plain = await scrape(client)
+    assert value(plain, "aegis_requests_total", target="good", code="200") == 1
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("", "text/plain; version=0.0.4"),
+        ("text/plain", "text/plain; version=0.0.4"),
+        ("application/json", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text", "application/openmetrics-text; version=1.0.0"),
+        (  # Prometheus 3, which would rather have protobuf
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+            "encoding=delimited;q=0.6,application/openmetrics-text;version=1.0.0;"
+            "escaping=allow-utf-8;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4",
+            "application/openmetrics-text; version=1.0.0",
+        ),
+    ],
+)
+async def test_the_text_format_otherwise(
+    aegis: AegisFactory, accept: str, content_type: str
+) -> None:
+    client = await aegis()
+    response = await client.get("/-/metrics", headers={"Accept": accept} if accept else {})
+    assert response.headers["Content-Type"].startswith(content_type)
+    assert "Accept" in response.headers["Vary"]
+
+
+async def test_gzip_when_the_scraper_accepts_it(aegis: AegisFactory) -> None:
+    client = await aegis()
+    raw = await client.get("/-/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert raw.headers["Content-Encoding"] == "gzip"
+    text = gzip.decompress(await raw.read()).decode()
+    assert value(text, "aegis_targets") == 0
+    assert "aegis_build_info" in text
+    plain = await client.get("/-/metrics", headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers

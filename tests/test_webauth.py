@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -12,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from webserve import get, serve, write
 
+from aegis.logs import LogfmtFormatter
 from aegis.proxy import Config, make_app
 from aegis.webauth import setup_web_config
 from aegis.webconfig import load_web_config
@@ -66,6 +68,30 @@ async def test_basic_auth_failures_are_401_with_challenge_and_headers(
         assert status == 401
         assert resp_headers["WWW-Authenticate"] == "Basic"
         assert resp_headers["X-Frame-Options"] == "deny"
+
+
+async def test_refused_credentials_are_logged_rate_limited_without_the_password(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "aegis.webauth")
+    async with serve(load_web_config(users_yaml(tmp_path))) as url:
+        assert (await get(url, headers=basic("alice", "s3cret-guess")))[0] == 401
+        assert (await get(url, headers=basic("mallory", "s3cret-guess")))[0] == 401
+        assert (await get(url))[0] == 401
+        assert (await get(url, headers=basic("alice", "wonderland")))[0] == 200
+    records = [record for record in caplog.records if record.name == "aegis.webauth"]
+    lines = [LogfmtFormatter().format(record) for record in records]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.WARNING, "refused credentials"),
+        (logging.DEBUG, "refused credentials"),  # within the minute: shown at debug level only
+        (logging.DEBUG, "refused credentials"),
+    ]
+    assert lines[0].endswith(
+        ' msg="refused credentials" user=alice reason="wrong password" remote=127.0.0.1'
+    )
+    assert ' user=mallory reason="unknown user" ' in lines[1]
+    assert ' user="" reason="no credentials" ' in lines[2]
+    assert not any("s3cret" in line for line in lines)
 
 
 async def test_bcrypt_runs_once_per_good_password_and_for_unknown_users(

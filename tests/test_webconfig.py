@@ -265,3 +265,41 @@ async def test_the_command_serves_tls_on_tcp_and_unix_listeners(
         plain[1].close()
     finally:
         await children.close()
+
+
+@needs_aegis
+async def test_failed_tls_handshakes_are_logged_once_a_minute_with_the_reason(
+    certs: Path, ca: trustme.CA, sockdir: Path
+) -> None:
+    text = TLS + "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: client_ca.crt\n"
+    children = Children(certs)
+    port = free_port()
+    try:
+        child = children.start(
+            *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1"),
+            *("--web.config.file", str(write(certs, text)), "--log.level", "debug"),
+        )
+        await child.ready("127.0.0.1", port)
+        url = f"https://127.0.0.1:{port}"
+        for ctx in (client_ctx(ca), client_ctx(ca, certs / "stranger.pem")):
+            with pytest.raises(aiohttp.ClientError):
+                await get(url, ctx)
+        # Not TLS at all past the record type: a scanner, or a client speaking something else.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x16\x03\x01\x00\x05hello")
+        assert await reader.read() == b""
+        writer.close()
+        await child.wait_for_output("unexpected message")
+        assert (await get(url, client_ctx(ca, certs / "client.pem")))[0] == 404
+    finally:
+        await children.close()
+    failures = [line for line in child.output().splitlines() if "TLS handshake failed" in line]
+    # aiohttp tries a GET a second time when the connection breaks: one or two lines each.
+    assert " level=warn source=webconfig.py:" in failures[0], child.output()
+    assert failures[0].endswith(
+        'msg="TLS handshake failed" err="peer did not return a certificate"'
+    )
+    # The minute is not over: the others are at debug level only.
+    assert all(" level=debug " in line for line in failures[1:]), child.output()
+    assert any('err="certificate verify failed: ' in line for line in failures), child.output()
+    assert failures[-1].endswith('err="unexpected message"')

@@ -1,22 +1,27 @@
 """``aegis``: argv → configuration → :func:`aegis.server.serve`. Nothing else lives here.
 
 The original program's flags keep working in every spelling its users and its NixOS unit use:
-``-hostport X``, ``-hostport=X``, ``--hostport X`` and ``--hostport=X`` (likewise ``-sockdir``).
+``-hostport X``, ``-hostport=X``, ``--hostport X`` and ``--hostport=X`` (likewise ``-sockdir``;
+``-version`` as well).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import logging
 import os
+import platform
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
-from . import __version__, multiproc
+from . import __version__, logs, multiproc
 from .config import Config, ConfigError, parse_duration
 from .configfile import load_targets
 from .proxy import make_app
@@ -69,6 +74,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _log_level(text: str) -> str:
+    level = "warn" if text == "warning" else text  # the name earlier versions used
+    if level not in logs.LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(logs.LEVELS)}")
+    return level
+
+
+def _route_prefix(given: str | None, external_url: str) -> str:
+    """Prometheus' rule: the external URL's path unless --web.route-prefix says otherwise."""
+    if given is not None:
+        return given
+    return urllib.parse.urlsplit(external_url).path or "/"
+
+
 def _listener(text: str) -> Listener:
     try:
         return Listener.parse(text)
@@ -96,6 +115,37 @@ def _target(text: str) -> Target:
         return Target(name, Path(socket), path)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armv7l": "arm"}
+
+
+def version_text() -> str:
+    """What ``--version`` prints, in the shape of Prometheus' ``version.Print``."""
+    try:
+        loop = f"uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        loop = "asyncio"
+    machine = platform.machine()
+    return (
+        f"aegis, version {__version__}\n"
+        f"  python version:   {platform.python_version()} ({platform.python_implementation()})\n"
+        f"  aiohttp version:  {aiohttp.__version__}\n"
+        f"  event loop:       {loop}\n"
+        f"  platform:         {platform.system().lower()}/{_GO_ARCH.get(machine, machine)}\n"
+    )
+
+
+class _PrintVersion(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the Host each client used)",
     )
     parser.add_argument(
+        "--web.route-prefix",
+        dest="route_prefix",
+        metavar="PATH",
+        help="serve every path under this prefix, e.g. /aegis for a reverse proxy that passes "
+        "/aegis/NAME on unchanged; / is the root (default: the path of --web.external-url)",
+    )
+    parser.add_argument(
         "--web.systemd-socket",
         dest="systemd_socket",
         action="store_true",
@@ -219,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="timeout_offset",
         metavar="DURATION",
         type=_duration,
-        default="0.5s",
+        default="500ms",
         help="subtracted from the scraper's timeout, so Aegis answers 504 before it gives up "
         "(default: %(default)s)",
     )
@@ -235,19 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--log.level",
         dest="log_level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: %(default)s)",
+        type=_log_level,
+        metavar="{" + ",".join(logs.LEVELS) + "}",
+        help="only log messages at this level and above (default: %(default)s)",
     )
-    parser.add_argument("--version", action="version", version=f"aegis {__version__}")
+    parser.add_argument(
+        "--log.format",
+        dest="log_format",
+        default="logfmt",
+        choices=logs.FORMATS,
+        help="log lines as Prometheus writes them: logfmt or json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-version",
+        "--version",
+        action=_PrintVersion,
+        nargs=0,
+        help="print what aegis, Python and aiohttp this is, and exit",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     targets: dict[str, Target] = {}
     for target in args.target:
         if target.name in targets:
@@ -268,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scrape_timeout=args.scrape_timeout,
             timeout_offset=args.timeout_offset,
             external_url=args.external_url,
+            route_prefix=_route_prefix(args.route_prefix, args.external_url),
             max_concurrent=args.max_concurrent,
             max_concurrent_per_target=args.max_concurrent_per_target,
         )
@@ -283,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_header_timeout=args.read_header_timeout,
         idle_timeout=args.idle_timeout,
     )
-    # The original's start line, to the letter: HOSTPORT -> SOCKDIR.
-    log.info("%s -> %s", ", ".join(map(str, listeners)), args.sockdir)
+    # The original's start line, HOSTPORT -> SOCKDIR, with the directory the workers will scan.
+    log.info("%s -> %s", ", ".join(map(str, listeners)), os.path.abspath(args.sockdir))
     if serving.ssl_context:
         log.info("serving TLS only (%s)", args.web_config)
     try:

@@ -11,8 +11,11 @@ from types import MappingProxyType
 from .discovery import ExternalURL
 from .targets import Target, check_name
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Prometheus' units (model.ParseDuration), biggest first: a year is 365 days, a week 7.
+_UNITS = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
+_DURATION_PART = re.compile(r"([0-9]+)([a-z]+)")
+# The largest duration Go's time.Duration holds: about 292 years.
+_MAX_SECONDS = (2**63 - 1) / 1e9
 
 
 class ConfigError(ValueError):
@@ -20,22 +23,58 @@ class ConfigError(ValueError):
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from a Prometheus-style duration (``10s``, ``1m30s``, ``250ms``) or a bare number."""
-    value = text.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for match in _DURATION_PART.finditer(value):
-            if match.start() != pos:
-                break
-            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-            pos = match.end()
-        if pos == 0 or pos != len(value):
-            raise ValueError(f"{text!r} is not a duration (examples: 10s, 1m30s, 250ms)") from None
-    if not seconds >= 0 or seconds == float("inf"):
-        raise ValueError(f"{text!r} is not a finite, non-negative duration")
+    """Seconds from a duration in Prometheus' syntax: whole numbers with units from the biggest
+    to the smallest (``1m30s``, ``250ms``, ``2h``; ``y``, ``w``, ``d``, ``h``, ``m``, ``s``,
+    ``ms``), or ``0``. A number without a unit is an error, as in Prometheus: ``10`` could mean
+    seconds or milliseconds."""
+    if text == "0":
+        return 0.0
+    order = list(_UNITS)
+    seconds, pos, last = 0.0, 0, -1
+    for match in _DURATION_PART.finditer(text):
+        number, unit = match.groups()
+        if match.start() != pos or unit not in _UNITS:
+            break
+        if order.index(unit) <= last:
+            raise ValueError(f"{text!r}: units go from the biggest to the smallest, once each")
+        last = order.index(unit)
+        seconds += int(number) * _UNITS[unit]
+        pos = match.end()
+    if pos == 0 or pos != len(text):
+        raise ValueError(f"{text!r} is not a duration: {_what_is_wrong(text)}")
+    if seconds > _MAX_SECONDS:
+        raise ValueError(f"{text!r}: duration out of range")
     return seconds
+
+
+def _what_is_wrong(text: str) -> str:
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text.strip()):
+        return "a number needs a unit, as in 10s or 500ms (0 alone is allowed)"
+    if "." in text:
+        return "whole numbers only, as in 1500ms for 1.5s"
+    unknown = [u for u in re.findall(r"[0-9]([a-zA-Zµ]+)", text) if u not in _UNITS]
+    if unknown:
+        return f"unknown unit {unknown[0]!r} (units: {', '.join(_UNITS)})"
+    return "expected whole numbers with units, as in 10s, 1m30s, 250ms"
+
+
+# Path characters that need no escaping and mean nothing to aiohttp's route patterns ({}).
+_ROUTE_PREFIX = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+
+
+def normalize_route_prefix(text: str) -> str:
+    """``/`` and one leading slash, no trailing one, as Prometheus treats ``--web.route-prefix``
+    (``aegis/`` is ``/aegis``); refuses what would not be one plain path."""
+    prefix = "/" + text.strip("/")
+    segments = prefix.split("/")[1:]
+    if not _ROUTE_PREFIX.fullmatch(prefix) or (
+        prefix != "/" and any(part in ("", ".", "..") for part in segments)
+    ):
+        raise ConfigError(
+            f"route prefix {text!r}: must be a plain path like /aegis "
+            "(letters, digits and -._~!$&'()*+,;=:@ between single slashes)"
+        )
+    return prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +99,9 @@ class Config:
     #: How scrapers reach Aegis (``https://host:port/prefix``), for ``/-/sd``; "" means the way
     #: each client did (its Host header).
     external_url: str = ""
+    #: Where every path is served: ``/aegis`` serves ``/aegis/``, ``/aegis/NAME``,
+    #: ``/aegis/-/metrics``..., and redirects ``/`` there; ``/`` is the root.
+    route_prefix: str = "/"
     #: Upstream exchanges in flight at once, per worker process; past it, 503 at once.
     max_concurrent: int = 256
     #: The same for each target, so one slow service cannot take every slot.
@@ -87,6 +129,7 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_idle_per_socket < 0:
             raise ConfigError("max_idle_per_socket must not be negative")
+        object.__setattr__(self, "route_prefix", normalize_route_prefix(self.route_prefix))
         if self.external_url:
             try:
                 ExternalURL.parse(self.external_url)

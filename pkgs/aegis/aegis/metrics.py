@@ -17,6 +17,7 @@ workers) is process-wide state, and belongs to the command line (:mod:`aegis.mul
 
 from __future__ import annotations
 
+import gzip
 import os
 import platform
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -25,16 +26,15 @@ from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     ProcessCollector,
-    generate_latest,
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -149,11 +149,16 @@ def _cache(children: dict[_K, _C], key: _K, labels: Callable[..., _C]) -> _C:
     return child
 
 
-async def serve_metrics(registry: CollectorRegistry) -> web.Response:
-    """The registry in the Prometheus text format."""
-    return web.Response(
-        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+async def serve_metrics(request: web.Request, registry: CollectorRegistry) -> web.Response:
+    """The registry in the format the scraper asks for in ``Accept`` (OpenMetrics or the text
+    format), gzipped if it accepts that, as prometheus_client's own exporters answer."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(registry)
+    headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+    if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+        body = gzip.compress(body, compresslevel=6)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 class _TargetsCollector(Collector):

@@ -26,7 +26,7 @@ import math
 import os
 import pwd
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -144,17 +144,32 @@ def make_app(
     async def service_discovery(request: web.Request) -> web.Response:
         return await discovery.service_discovery(request, targets, external)
 
-    async def own_metrics(_: web.Request) -> web.Response:
-        return await serve_metrics(registry)
+    async def own_metrics(request: web.Request) -> web.Response:
+        return await serve_metrics(request, registry)
 
+    # As Prometheus does with --web.route-prefix: everything under the prefix, and only a
+    # redirect at the root, so that a reverse proxy can pass paths on unchanged.
+    prefix = "" if config.route_prefix == "/" else config.route_prefix
+    if prefix:
+        app.router.add_get("/", _redirect_to(prefix + "/"))
+        app.router.add_get(prefix, _redirect_to(prefix + "/"))
     # Names never start with "-", so the reserved /-/ paths can never shadow a target.
-    app.router.add_get("/", landing)
-    app.router.add_get("/-/healthy", discovery.healthy)
-    app.router.add_get("/-/ready", discovery.ready)
-    app.router.add_get("/-/sd", service_discovery)
-    app.router.add_get("/-/metrics", own_metrics)
-    app.router.add_get("/{name}", _handle)
+    app.router.add_get(prefix + "/", landing)
+    app.router.add_get(prefix + "/-/healthy", discovery.healthy)
+    app.router.add_get(prefix + "/-/ready", discovery.ready)
+    app.router.add_get(prefix + "/-/sd", service_discovery)
+    app.router.add_get(prefix + "/-/metrics", own_metrics)
+    app.router.add_get(prefix + "/{name}", _handle)
     return app
+
+
+def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        # The landing page's links are relative: they need the trailing slash.
+        query = request.rel_url.raw_query_string
+        raise web.HTTPFound(f"{location}?{query}" if query else location)
+
+    return redirect
 
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:

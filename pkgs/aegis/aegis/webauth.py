@@ -1,5 +1,8 @@
 """The web config's request side: basic auth, client-certificate SANs, rate limit, headers.
 
+Refused credentials are logged with the user name, the reason and the client's address (never
+the password), at most one line a minute per worker, each saying how many it held back.
+
 :func:`setup_web_config` puts these in front of an application; the file itself is read and
 checked by :mod:`aegis.webconfig`, which also builds the TLS context the listeners serve with.
 """
@@ -10,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -18,12 +22,15 @@ import bcrypt
 from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler, Middleware
 
+from .logs import RateLimited
 from .proxy import CREDENTIALS_CHECKED
 from .webconfig import RateLimit, WebConfig
 
 __all__ = ["setup_web_config"]
 
 _CACHE_SIZE = 100  # as the toolkit: enough for every scraper of one host
+
+log = logging.getLogger(__name__)
 
 
 def setup_web_config(app: web.Application, config: WebConfig) -> None:
@@ -62,33 +69,44 @@ class _BasicAuth:
         self._key = secrets.token_bytes(32)  # keys the cache, so it never holds a password
         self._ok: dict[bytes, None] = {}  # successful checks, oldest first
         self._lock = asyncio.Lock()  # bcrypt is CPU-bound: one at a time, as the toolkit
+        self._refusals = RateLimited(log)
 
-    async def _check(self, header: str | None) -> bool:
+    async def _check(self, header: str | None) -> tuple[str, str] | None:
+        """None when the credentials are good, else (user, why not) for the log."""
+        if header is None:
+            return "", "no credentials"
         try:  # latin-1 round-trips the raw bytes, which is what bcrypt compares
-            creds = BasicAuth.decode(header or "", encoding="latin-1")
+            creds = BasicAuth.decode(header, encoding="latin-1")
         except ValueError:
-            return False
+            return "", "not basic auth"
         user, password = creds.login.encode("latin-1"), creds.password.encode("latin-1")
         known = self._users.get(user)
         hashed = known if known is not None else self._dummy
         msg = b"%d:%s%s%s" % (len(user), user, hashed, password)
         key = hmac.new(self._key, msg, hashlib.sha256).digest()
         if key in self._ok:
-            return True
+            return None
         if len(password) > 72:  # bcrypt ignores the rest; Go's and bcrypt 5 refuse
-            return False
+            return creds.login, "password longer than 72 bytes"
         async with self._lock:
             ok = await asyncio.to_thread(bcrypt.checkpw, password, hashed)
-        if not (ok and known is not None):
-            return False  # failures are not cached: a flood of guesses can't evict good entries
+        # Failures are not cached: a flood of guesses can't evict good entries.
+        if known is None:
+            return creds.login, "unknown user"
+        if not ok:
+            return creds.login, "wrong password"
         if len(self._ok) >= _CACHE_SIZE:
             del self._ok[next(iter(self._ok))]
         self._ok[key] = None
-        return True
+        return None
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not await self._check(request.headers.get("Authorization")):
+        refused = await self._check(request.headers.get("Authorization"))
+        if refused is not None:
+            user, reason = refused
+            fields = {"user": user, "reason": reason, "remote": request.remote or ""}
+            self._refusals.log("refused credentials", fields)
             return web.Response(
                 status=401, text="Unauthorized", headers={"WWW-Authenticate": "Basic"}
             )

@@ -19,6 +19,9 @@ serve Aegis and the exporters next to it. Where Python's ``ssl`` cannot do what 
 * ``http_server_config.http2: true`` (the toolkit's default) is accepted and ignored with a
   warning: aiohttp speaks HTTP/1.1 only and clients fall back to it through ALPN.
 * ``rate_limit.burst`` must be at least 1 when ``interval`` is set (0 would refuse everything).
+* A failed TLS handshake (no or an untrusted client certificate, a protocol or cipher mismatch)
+  is logged, at most once a minute per worker with a count of the others; the toolkit leaves it
+  to Go's http.Server error log.
 * The file itself is read once, at start (the toolkit re-reads it per request); the cert, key
   and client CA files are re-read on the first handshake after their stat() changes, and a
   broken rotation keeps the previous pair and logs an error.
@@ -37,6 +40,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .logs import RateLimited
 from .yamlfile import YamlFile
 
 __all__ = [
@@ -176,7 +180,31 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     """
     ctx = _build_context(tls)
     ctx.sni_callback = _Rotator(tls, ctx)
+    ctx.sslobject_class = _logging_handshakes(RateLimited(log))
     return ctx
+
+
+def _logging_handshakes(failures: RateLimited) -> type[ssl.SSLObject]:
+    """Connections' TLS objects that log a failed handshake.
+
+    asyncio and uvloop drop such a connection without a word (they log it only when the loop
+    runs in debug mode), and the listener's protocol never hears of it; every handshake step
+    goes through the connection's SSLObject, which the context makes (``wrap_bio``).
+    """
+
+    class LoggingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise  # not a failure: more bytes to come
+            except ssl.SSLError as exc:
+                # "[SSL: HTTP_REQUEST] http request (_ssl.c:1006)": the text alone says it.
+                err = re.sub(r"^\[SSL: \w+\] | \(_ssl\.c:\d+\)$", "", str(exc.strerror or exc))
+                failures.log("TLS handshake failed", {"err": err})
+                raise
+
+    return LoggingSSLObject
 
 
 _TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"}
