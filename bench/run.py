@@ -161,17 +161,35 @@ def wait_ok(peer: Peer, path: str, limit: float = 20.0) -> float:
 # -- memory ---------------------------------------------------------------------------------------
 
 
-def group_pss_kib(pgid: int) -> int:
-    """PSS of every process in the group, added up: shared pages split among their users."""
-    total = 0
+def group_members(pgid: int) -> Iterator[str]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            for line in Path(f"/proc/{entry}/smaps_rollup").read_text().splitlines():
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+            yield entry
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User and system CPU time of every process in the group. Per request, it says how much
+    work a peer does, whatever else the machine is busy with at the time."""
+    ticks = 0
+    for pid in group_members(pgid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def group_pss_kib(pgid: int) -> int:
+    """PSS of every process in the group, added up: shared pages split among their users."""
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total += int(line.split()[1])
                     break
@@ -208,6 +226,7 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: str
+    requests: int = 0
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -226,14 +245,17 @@ def wrk(url: str, connections: int, seconds: float) -> Load:
         argv, capture_output=True, text=True, timeout=seconds + 30, check=True
     ).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
-    if not (rps and p50 and p99):
+    if not (rps and p50 and p99 and count):
         raise SystemExit(f"cannot read wrk's output:\n{out}")
     errors = " ".join(
         line.strip() for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line
     )
-    return Load(float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors)
+    return Load(
+        float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors, int(count.group(1))
+    )
 
 
 # -- the bench ------------------------------------------------------------------------------------
@@ -350,6 +372,14 @@ class Row:
     idle_kib: int
     peak_kib: int
     samples: list[int]
+    cpu_us: float  # CPU time of the peer per request, in microseconds
+
+
+def measure(peer: Peer, page: str, seconds: float) -> tuple[Load, float]:
+    """wrk's figures and the peer's CPU time per request (microseconds)."""
+    cpu = group_cpu_seconds(peer.proc.pid)
+    load = wrk(peer.url(f"/{page}"), CONNECTIONS[page], seconds)
+    return load, (group_cpu_seconds(peer.proc.pid) - cpu) * 1e6 / max(load.requests, 1)
 
 
 def one_run(bench: Bench, number: int) -> dict[str, dict[str, Row]]:
@@ -359,14 +389,14 @@ def one_run(bench: Bench, number: int) -> dict[str, dict[str, Row]]:
     shift = number % len(bench.peers)
     order = bench.peers[shift:] + bench.peers[:shift]
     for page in PAGES:
-        rows[page] = {peer.name: Row(Load(0, 0, 0, ""), 0, 0, []) for peer in bench.peers}
+        rows[page] = {peer.name: Row(Load(0, 0, 0, ""), 0, 0, [], 0) for peer in bench.peers}
         for peer in order:
             url = peer.url(f"/{page}")
             idle = group_pss_kib(peer.proc.pid)
             wrk(url, CONNECTIONS[page], 1)
             with pss_sampler(peer.proc.pid) as samples:
-                load = wrk(url, CONNECTIONS[page], bench.seconds)
-            rows[page][peer.name] = Row(load, idle, max(samples, default=idle), samples)
+                load, cpu = measure(peer, page, bench.seconds)
+            rows[page][peer.name] = Row(load, idle, max(samples, default=idle), samples, cpu)
     return rows
 
 
@@ -374,44 +404,47 @@ def mib(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
 
-def print_rows(rows: dict[str, dict[str, Row]], title: str) -> None:
-    print(f"\n{title}")
-    print(
-        f"{'page':6} {'peer':12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'idle MB':>8} {'load MB':>8} {'x go req/s':>10} {'x go p99':>9}  errors"
+HEADER = (
+    f"{'page':6} {'peer':12} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'pre MB':>7} "
+    f"{'load MB':>7} {'cpu us/req':>10} | {'x go req/s':>10} {'x go p99':>8} {'x go cpu':>8}"
+)
+
+
+def line(page: str, name: str, rows: list[Row], go: list[Row]) -> str:
+    """One peer's figures: the median of the runs given, each ratio taken within its run (the
+    CPU ratio is Go's CPU per request over the peer's: above 1, the peer does less work)."""
+
+    def med(figure: Callable[[Row, Row], float]) -> float:
+        return statistics.median(figure(row, g) for row, g in zip(rows, go, strict=True))
+
+    return (
+        f"{page:6} {name:12} {med(lambda r, _: r.load.rps):7.0f} "
+        f"{med(lambda r, _: r.load.p50_ms):7.2f} {med(lambda r, _: r.load.p99_ms):7.2f} "
+        f"{mib(med(lambda r, _: r.idle_kib)):>7} {mib(med(lambda r, _: r.peak_kib)):>7} "
+        f"{med(lambda r, _: r.cpu_us):10.0f} | {med(lambda r, g: r.load.rps / g.load.rps):10.2f} "
+        f"{med(lambda r, g: r.load.p99_ms / g.load.p99_ms):8.2f} "
+        f"{med(lambda r, g: g.cpu_us / max(r.cpu_us, 1e-9)):8.2f}"
     )
+
+
+def print_rows(rows: dict[str, dict[str, Row]], title: str) -> None:
+    print(f"\n{title}\n{HEADER}")
     for page, by_peer in rows.items():
-        go = by_peer["go"].load
         for name, row in by_peer.items():
-            print(
-                f"{page:6} {name:12} {row.load.rps:9.0f} {row.load.p50_ms:8.2f} "
-                f"{row.load.p99_ms:8.2f} {mib(row.idle_kib):>8} {mib(row.peak_kib):>8} "
-                f"{row.load.rps / go.rps:10.2f} {row.load.p99_ms / go.p99_ms:9.2f}  "
-                f"{row.load.errors}"
-            )
+            errors = f"  {row.load.errors}" if row.load.errors else ""
+            print(line(page, name, [row], [by_peer["go"]]) + errors)
 
 
 def medians(runs: list[dict[str, dict[str, Row]]]) -> None:
     """The median of each figure, and the median of each run's own ratio to the Go peer."""
-    print(f"\nMEDIAN OF {len(runs)} RUNS (ratios are each run's, then the median)")
-    print(
-        f"{'page':6} {'peer':12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'idle MB':>8} {'load MB':>8} {'x go req/s':>10} {'x go p99':>9}"
-    )
+    print(f"\nMEDIAN OF {len(runs)} RUNS (ratios are taken within each run, then the median)")
+    print(HEADER)
     for page in PAGES:
         for name in runs[0][page]:
-            rs = [run[page][name] for run in runs]
-            go = [run[page]["go"].load for run in runs]
-
-            def med(values: list[float]) -> float:
-                return statistics.median(values)
-
             print(
-                f"{page:6} {name:12} {med([r.load.rps for r in rs]):9.0f} "
-                f"{med([r.load.p50_ms for r in rs]):8.2f} {med([r.load.p99_ms for r in rs]):8.2f} "
-                f"{mib(med([r.idle_kib for r in rs])):>8} {mib(med([r.peak_kib for r in rs])):>8} "
-                f"{med([r.load.rps / g.rps for r, g in zip(rs, go, strict=True)]):10.2f} "
-                f"{med([r.load.p99_ms / g.p99_ms for r, g in zip(rs, go, strict=True)]):9.2f}"
+                line(
+                    page, name, [run[page][name] for run in runs], [run[page]["go"] for run in runs]
+                )
             )
     large = [run["large"]["aegis"] for run in runs]
     print(
@@ -438,18 +471,21 @@ def ms_summary(values: list[float]) -> str:
 
 def extras(bench: Bench) -> None:
     print("\nEXTRAS (aegis)")
-    # Start-up: from the command to the first proxied 200.
+    # Start-up, from the command to the first proxied 200; then the memory of a fresh server
+    # that answered that one scrape and /-/metrics (the "idle" of the targets).
     for workers in ("1", "2"):
-        times = []
+        times, idle = [], []
         for _ in range(3):
             peer = bench.start_aegis(f"startup-{workers}", bench.sockdir, "--workers", workers)
             times.append(wait_ok(peer, "/small") * 1000)
-            if workers == "1":
-                time.sleep(0.5)
-                idle = group_pss_kib(peer.proc.pid)
+            get(peer.port, "/-/metrics")
+            time.sleep(1.0)
+            idle.append(group_pss_kib(peer.proc.pid))
             bench.procs.stop(peer.proc)
-        print(f"start-up to first 200, --workers {workers}: {ms_summary(times)}")
-    print(f"idle PSS, --workers 1: {mib(idle)} MB")
+        print(
+            f"--workers {workers}: start-up to first 200 {ms_summary(times)}; fresh idle PSS "
+            f"{' '.join(mib(kib) for kib in idle)} MB"
+        )
 
     # A directory of 10 000 sockets (files left by closed listeners: sockets all the same)
     # beside one of 10, both holding links to the upstream's sockets.
@@ -476,12 +512,12 @@ def extras(bench: Bench) -> None:
     rates = {}
     for count, peer in dirs.items():
         wrk(peer.url("/small"), CONNECTIONS["small"], 1)
-        rates[count] = wrk(peer.url("/small"), CONNECTIONS["small"], bench.seconds)
+        rates[count] = measure(peer, "small", bench.seconds)
+    (many_load, many_cpu), (few_load, few_cpu) = rates[MANY_SOCKETS], rates[10]
     print(
-        f"33 KB scrape beside {MANY_SOCKETS} sockets vs 10: "
-        f"{rates[MANY_SOCKETS].rps:.0f} vs {rates[10].rps:.0f} req/s "
-        f"(x{rates[MANY_SOCKETS].rps / rates[10].rps:.2f}), "
-        f"p99 {rates[MANY_SOCKETS].p99_ms:.2f} vs {rates[10].p99_ms:.2f} ms"
+        f"33 KB scrape beside {MANY_SOCKETS} sockets vs 10: CPU {many_cpu:.0f} vs {few_cpu:.0f} "
+        f"us/request; {many_load.rps:.0f} vs {few_load.rps:.0f} req/s, "
+        f"p99 {many_load.p99_ms:.2f} vs {few_load.p99_ms:.2f} ms"
     )
     # Every socket asked for once (none answers: their listeners are closed).
     before = group_pss_kib(many.proc.pid)
