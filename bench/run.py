@@ -87,8 +87,7 @@ class Peer:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
-    #: path prefix of the pages: /small and /large
-    log: Path = field(default_factory=Path)
+    log: Path = field(default_factory=Path)  # its output
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -339,31 +338,26 @@ class Bench:
         # Two workers, as many as Aegis has by default on this machine.
         server = f"server {{ listen 127.0.0.1:{port}; {locations} }}"
         conf = nginx_conf(self.work, "nginx", f"{ups}\n{server}", workers=2)
-        self._add("nginx", port, ["nginx", "-c", str(conf)])
-        binary = go_build(HERE / "goproxy", self.work / "goproxy")
-        self._add("go", free_port(), [str(binary), "-sockdir", str(self.sockdir), "-hostport"])
+        proc, log = self.procs.start("nginx", ["nginx", "-c", str(conf)])
+        self.peers.append(Peer("nginx", port, proc, log))
+        # The original's flags, which Aegis keeps: -sockdir DIR -hostport HOST:PORT.
+        go = go_build(HERE / "goproxy", self.work / "goproxy")
+        self.peers.append(self.start_proxy("go", [str(go)], self.sockdir))
         if self.original is not None:
             original = go_build(self.original, self.work / "go-original")
-            self._add(
-                "go-original",
-                free_port(),
-                [str(original), "-sockdir", str(self.sockdir), "-hostport"],
-            )
-        self._add("aegis", free_port(), [*self.aegis, "-sockdir", str(self.sockdir), "-hostport"])
+            self.peers.append(self.start_proxy("go-original", [str(original)], self.sockdir))
+        self.peers.append(self.start_proxy("aegis", self.aegis, self.sockdir))
         for peer in self.peers:
             wait_ok(peer, "/small")
 
-    def _add(self, name: str, port: int, argv: list[str]) -> None:
-        if argv[-1] == "-hostport":
-            argv = [*argv, f"127.0.0.1:{port}"]
-        proc, log = self.procs.start(name, argv)
-        self.peers.append(Peer(name, port, proc, log))
-
-    def start_aegis(self, name: str, sockdir: Path, *extra: str) -> Peer:
+    def start_proxy(self, name: str, command: Sequence[str], sockdir: Path) -> Peer:
         port = free_port()
-        argv = [*self.aegis, *extra, "-sockdir", str(sockdir), "-hostport", f"127.0.0.1:{port}"]
+        argv = [*command, "-sockdir", str(sockdir), "-hostport", f"127.0.0.1:{port}"]
         proc, log = self.procs.start(name, argv)
         return Peer(name, port, proc, log)
+
+    def start_aegis(self, name: str, sockdir: Path, *extra: str) -> Peer:
+        return self.start_proxy(name, [*self.aegis, *extra], sockdir)
 
 
 @dataclass
