@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import Mapping
 
-import bcrypt
 from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -61,6 +60,10 @@ def setup_web_config(app: web.Application, config: WebConfig) -> None:
 
 class _BasicAuth:
     def __init__(self, users: Mapping[str, bytes]) -> None:
+        # Imported here, when basic auth is configured: the others need not carry it.
+        import bcrypt
+
+        self._checkpw = bcrypt.checkpw
         self._users = {u.encode(): h for u, h in users.items()}
         # Unknown users are checked against a hash of the highest configured cost, so they
         # take as long as known ones (the toolkit uses a fixed cost-10 hash).
@@ -89,7 +92,7 @@ class _BasicAuth:
         if len(password) > 72:  # bcrypt ignores the rest; Go's and bcrypt 5 refuse
             return creds.login, "password longer than 72 bytes"
         async with self._lock:
-            ok = await asyncio.to_thread(bcrypt.checkpw, password, hashed)
+            ok = await asyncio.to_thread(self._checkpw, password, hashed)
         # Failures are not cached: a flood of guesses can't evict good entries.
         if known is None:
             return creds.login, "unknown user"

@@ -9,29 +9,37 @@ reads ``<file>: <key.path>: <problem>``. Each caller keeps its own exception typ
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+if TYPE_CHECKING:
+    import yaml
 
 __all__ = ["YamlFile"]
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that rejects a key given twice."""
+@functools.cache
+def _strict_loader() -> type[yaml.SafeLoader]:
+    """A SafeLoader that rejects a key given twice. Built at the first file read: PyYAML is
+    imported only when a configuration file is given (about 0.5 MB of every process)."""
+    import yaml
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: list[Any] = []  # a list: keys may be unhashable until the base class refuses them
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} given twice", key_node.start_mark
-                )
-            seen.append(key)
-        return super().construct_mapping(node, deep)
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: list[Any] = []  # a list: keys may be unhashable until the base class refuses
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} given twice", key_node.start_mark
+                    )
+                seen.append(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,11 @@ class YamlFile:
             text = Path(self.src).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise self.error(f"{self.src}: cannot read: {exc}") from None
+        loader = _strict_loader()
+        import yaml
+
         try:
-            return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+            return yaml.load(text, Loader=loader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise self.error(f"{self.src}: not valid YAML: {exc}") from None
 

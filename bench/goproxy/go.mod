@@ -1,0 +1,3 @@
+module aegisbench/goproxy
+
+go 1.19

@@ -1,0 +1,50 @@
+"""What the command carries when nothing optional is configured, and the benchmark's pages."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "run.py"
+
+
+def test_optional_libraries_are_not_imported_by_the_command() -> None:
+    # PyYAML and bcrypt serve --config.file and basic auth only; every process would carry them.
+    code = "import sys, aegis.cli; print(sorted({'yaml', 'bcrypt'} & set(sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "pkgs" / "aegis"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_config_file_still_loads_yaml(tmp_path: Path) -> None:
+    from aegis.configfile import load_targets
+
+    config = tmp_path / "aegis.yml"
+    config.write_text("targets:\n  node:\n    socket: /run/node.sock\n")
+    assert str(load_targets(config)["node"].socket) == "/run/node.sock"
+
+
+def test_benchmark_pages_are_valid_expositions_of_the_asked_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look themselves up
+    spec.loader.exec_module(bench)
+    for size in (33 * 1024, 300 * 1024):
+        page = bench.exposition(size)
+        assert size <= len(page) < size + 8 * 1024
+        families = list(text_string_to_metric_families(page.decode()))
+        assert {family.type for family in families} == {"counter", "gauge", "histogram"}
+        assert page == bench.exposition(size)  # the same page every run
