@@ -103,13 +103,22 @@ in
             {
               job_name = "aegis-static";
               static_configs = [
+                # Prometheus drops __metrics_path__ after relabelling, so
+                # without a label of their own both groups would write the
+                # same up{instance="server:31337"} series.
                 {
                   targets = [ "server:${toString port}" ];
-                  labels.__metrics_path__ = "/local";
+                  labels = {
+                    __metrics_path__ = "/local";
+                    socket = "local";
+                  };
                 }
                 {
                   targets = [ "server:${toString port}" ];
-                  labels.__metrics_path__ = "/elsewhere";
+                  labels = {
+                    __metrics_path__ = "/elsewhere";
+                    socket = "elsewhere";
+                  };
                 }
               ];
             }

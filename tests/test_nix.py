@@ -13,9 +13,10 @@ Nothing here builds with Nix. What runs:
 - the VM test's script is valid Python.
 
 Needs nix-instantiate (Debian: nix-bin) and, for everything but parsing, a
-nixpkgs lib: AEGIS_NIXPKGS_LIB names the directory holding lib/default.nix
-(a checkout of nixpkgs or nixpkgs.lib, or its lib/ directory). Each check
-skips, saying why, when what it needs is missing.
+nixpkgs lib: ../shared/nixpkgs-lib/lib next to the repository, or the
+directory AEGIS_NIXPKGS_LIB names instead (a checkout of nixpkgs or
+nixpkgs.lib, or its lib/ directory). Each check skips, saying why, when what
+it needs is missing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aegisrun import free_port
+from aegisrun import AEGIS, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
@@ -83,17 +84,31 @@ class NixError(Exception):
     pass
 
 
-@pytest.fixture(scope="session")
-def nixpkgs_lib() -> Path:
+# nixpkgs' lib (25.11), shared read-only next to the repository by every developer and CI.
+SHARED_NIXPKGS_LIB = REPO.parent / "shared" / "nixpkgs-lib" / "lib"
+
+
+def find_nixpkgs_lib() -> Path | str:
+    """The nixpkgs lib directory to evaluate against, or why there is none."""
     if NIX_INSTANTIATE is None:
-        pytest.skip("nix-instantiate is not installed (Debian package nix-bin)")
+        return "nix-instantiate is not installed (Debian package nix-bin)"
     value = os.environ.get("AEGIS_NIXPKGS_LIB")
     if not value:
-        pytest.skip("AEGIS_NIXPKGS_LIB is not set to a nixpkgs lib directory")
+        if (SHARED_NIXPKGS_LIB / "default.nix").is_file():
+            return SHARED_NIXPKGS_LIB.resolve()
+        return f"no nixpkgs lib at {SHARED_NIXPKGS_LIB}, and AEGIS_NIXPKGS_LIB is not set"
     for candidate in (Path(value), Path(value) / "lib"):
         if (candidate / "default.nix").is_file() and (candidate / "modules.nix").is_file():
             return candidate.resolve()
-    pytest.skip(f"AEGIS_NIXPKGS_LIB={value} holds no nixpkgs lib/default.nix")
+    return f"AEGIS_NIXPKGS_LIB={value} holds no nixpkgs lib/default.nix"
+
+
+@pytest.fixture(scope="session")
+def nixpkgs_lib() -> Path:
+    found = find_nixpkgs_lib()
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
 
 
 def eval_module(lib: Path, settings: dict[str, Any], prefix: str = "/aegis-stub") -> Any:
@@ -240,6 +255,14 @@ def test_service_runs_as_aegis_in_group_within(nixpkgs_lib: Path) -> None:
     assert config["Restart"] == "on-failure"
     assert config["RestartSec"] == "30s"
     assert config["WorkingDirectory"] == "/srv/within/aegis"
+    # Each scrape holds two descriptors: systemd's soft limit of 1024 is too low.
+    assert config["LimitNOFILE"] == 65536
+
+
+def test_runtime_directory_lets_group_within_reach_a_unix_listener(nixpkgs_lib: Path) -> None:
+    config = eval_module(nixpkgs_lib, {})["service"]["serviceConfig"]
+    assert config["RuntimeDirectory"] == "aegis"
+    assert config["RuntimeDirectoryMode"] == "0750"
 
 
 def test_user_and_group_are_declared(nixpkgs_lib: Path) -> None:
@@ -295,6 +318,27 @@ def test_targets_under_tmp_or_home_stay_visible(nixpkgs_lib: Path) -> None:
     config = eval_module(nixpkgs_lib, settings)["service"]["serviceConfig"]
     assert config["PrivateTmp"] is False
     assert config["ProtectHome"] == "read-only"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tmp/web.yml",
+        "/var/tmp/aegis/web.yml",
+        "/home/alice/web.yml",
+        "/root/web.yml",
+        "/run/user/1000/web.yml",
+    ],
+)
+def test_a_web_config_file_the_sandbox_hides_is_refused(nixpkgs_lib: Path, path: str) -> None:
+    [message] = eval_module(nixpkgs_lib, {"webConfigFile": path})["failedAssertions"]
+    assert f'within.services.aegis.webConfigFile is "{path}"' in message
+    assert "private /tmp and without /home, /root and /run/user" in message
+
+
+@pytest.mark.parametrize("path", ["/run/secrets/web.yml", "/etc/aegis/web.yml", "/srv/tmp/web.yml"])
+def test_a_web_config_file_the_sandbox_shows_is_accepted(nixpkgs_lib: Path, path: str) -> None:
+    assert eval_module(nixpkgs_lib, {"webConfigFile": path})["failedAssertions"] == []
 
 
 def test_a_privileged_port_gets_only_net_bind_service(nixpkgs_lib: Path) -> None:
@@ -476,7 +520,7 @@ def fake_exporters(tmp_path: Path) -> Iterator[dict[str, Path]]:
 def test_evaluated_exec_start_serves_the_sockets(
     nixpkgs_lib: Path, tmp_path: Path, fake_exporters: dict[str, Path]
 ) -> None:
-    installed = shutil.which("aegis")
+    installed = AEGIS
     if installed is None:
         pytest.skip("aegis is not installed on PATH")
     # The stub package's bin/aegis is the installed program, so the module's
@@ -546,7 +590,10 @@ let
   lib = importWithReadFileType nixpkgsLib;
 
   package = import (root + "/pkgs/aegis/default.nix");
-  stubs = lib.mapAttrs (name: _: name) (builtins.functionArgs package);
+  stubs = lib.mapAttrs (name: _: name) (builtins.functionArgs package) // {
+    # A derivation with outputs: its name as itself, "prometheus.cli" as cli.
+    prometheus = { outPath = "prometheus"; cli = "prometheus.cli"; };
+  };
   drv = package (stubs // {
     inherit lib;
     buildPythonPackage = attrs: attrs;
@@ -603,6 +650,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
     )
 
     assert sorted(drv.pop("files")) == [
+        "README.md",
         "pkgs/aegis/aegis/__init__.py",
         "pkgs/aegis/pyproject.toml",
         "tests/conftest.py",
@@ -624,7 +672,13 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "pyproject": True,
         "build-system": ["setuptools"],
         "dependencies": ["aiohttp", "bcrypt", "httptools", "prometheus-client", "pyyaml", "uvloop"],
-        "nativeCheckInputs": ["prometheus", "pytest-aiohttp", "pytestCheckHook", "trustme"],
+        "nativeCheckInputs": [
+            "prometheus",
+            "prometheus.cli",
+            "pytest-aiohttp",
+            "pytestCheckHook",
+            "trustme",
+        ],
         "enabledTestPaths": ["tests"],
         "pytestFlags": ["-p", "no:cacheprovider"],
         "pythonImportsCheck": ["aegis"],
