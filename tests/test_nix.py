@@ -22,7 +22,6 @@ it needs is missing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -37,13 +36,17 @@ from typing import Any
 
 import pytest
 from aegisrun import AEGIS, free_port
+from nixeval import (
+    NIX_INSTANTIATE,
+    REPO,
+    NixError,
+    eval_module,
+    find_nixpkgs_lib,
+    nix,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
 EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
 FAKE_EXPORTER = REPO / "nixos-tests" / "fake_exporter.py"
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
-
 needs_nix = pytest.mark.skipif(
     NIX_INSTANTIATE is None,
     reason="nix-instantiate is not installed (Debian package nix-bin)",
@@ -65,69 +68,12 @@ def tracked_nix_files() -> list[str]:
     return sorted(name for name in out.decode().split("\0") if name)
 
 
-def nix(*args: str) -> str:
-    assert NIX_INSTANTIATE is not None
-    result = subprocess.run(
-        [NIX_INSTANTIATE, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise NixError(result.stderr)
-    return result.stdout
-
-
-class NixError(Exception):
-    pass
-
-
-# nixpkgs' lib (25.11), shared read-only next to the repository by every developer and CI.
-SHARED_NIXPKGS_LIB = REPO.parent / "shared" / "nixpkgs-lib" / "lib"
-
-
-def find_nixpkgs_lib() -> Path | str:
-    """The nixpkgs lib directory to evaluate against, or why there is none."""
-    if NIX_INSTANTIATE is None:
-        return "nix-instantiate is not installed (Debian package nix-bin)"
-    value = os.environ.get("AEGIS_NIXPKGS_LIB")
-    if not value:
-        if (SHARED_NIXPKGS_LIB / "default.nix").is_file():
-            return SHARED_NIXPKGS_LIB.resolve()
-        return f"no nixpkgs lib at {SHARED_NIXPKGS_LIB}, and AEGIS_NIXPKGS_LIB is not set"
-    for candidate in (Path(value), Path(value) / "lib"):
-        if (candidate / "default.nix").is_file() and (candidate / "modules.nix").is_file():
-            return candidate.resolve()
-    return f"AEGIS_NIXPKGS_LIB={value} holds no nixpkgs lib/default.nix"
-
-
 @pytest.fixture(scope="session")
 def nixpkgs_lib() -> Path:
     found = find_nixpkgs_lib()
     if isinstance(found, str):
         pytest.skip(found)
     return found
-
-
-def eval_module(lib: Path, settings: dict[str, Any], prefix: str = "/aegis-stub") -> Any:
-    out = nix(
-        "--eval",
-        "--strict",
-        "--json",
-        str(EVAL_MODULE),
-        "--argstr",
-        "nixpkgsLib",
-        str(lib),
-        "--argstr",
-        "settings",
-        json.dumps(settings),
-        "--argstr",
-        "aegisPrefix",
-        prefix,
-    )
-    return json.loads(out)
 
 
 def systemd_words(line: str) -> list[str]:
@@ -624,6 +570,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "tests/conftest.py": "",
         "tests/test_proxy.py": "",
         "tests/test_nix.py": "",
+        "tests/test_systemd.py": "",
         "tests/nix/eval-module.nix": "{ }",
         "modules/aegis.nix": "{ }",
         "flake.nix": "{ }",

@@ -37,6 +37,7 @@ let
       (lib.fileset.difference ../../tests (
         lib.fileset.unions [
           ../../tests/test_nix.py
+          ../../tests/test_systemd.py
           (lib.fileset.fileFilter (file: file.hasExt "nix") ../../tests)
         ]
       ))
