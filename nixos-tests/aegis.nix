@@ -52,6 +52,8 @@ in
             path = elsewherePath;
           };
           extraFlags = [
+            "--workers"
+            "2"
             "--web.listen-address"
             "unix:${listenSocket}"
           ];
@@ -223,6 +225,38 @@ in
     with subtest("users outside group within cannot reach the sockets"):
         server.fail("runuser -u nobody -- ls ${sockdir}")
         server.fail("runuser -u nobody -- curl -sSf --unix-socket ${localSocket} http://localhost/metrics")
+        server.fail("runuser -u nobody -- curl -sSf --unix-socket ${listenSocket} http://localhost/-/healthy")
+
+    with subtest("the unix: listener is 0660 aegis:within in a 0750 directory, open to group within"):
+        modes = server.succeed("stat -c '%U:%G %a' /run/aegis ${listenSocket}").split()
+        assert modes == ["aegis:within", "750", "aegis:within", "660"], f"unexpected modes: {modes}"
+        server.succeed("runuser -u fake-exporter -- curl -sSf --unix-socket ${listenSocket} http://localhost/-/healthy")
+
+    with subtest("aegis runs as aegis with two workers on uvloop"):
+        main = server.succeed("systemctl show -P MainPID aegis.service").strip()
+        assert server.succeed(f"stat -c %U:%G /proc/{main}").strip() == "aegis:within"
+        workers = server.succeed(f"ps -o pid= --ppid {main}").split()
+        assert len(workers) == 2, f"expected two workers, not {workers}"
+        for worker in workers:
+            server.succeed(f"grep -qF /uvloop/loop. /proc/{worker}/maps")
+
+    with subtest("a killed aegis is restarted after RestartSec"):
+        main = server.succeed("systemctl show -P MainPID aegis.service").strip()
+        server.succeed(f"kill -9 {main}")
+        # Waiting out RestartSec (30 s) before it starts again.
+        server.wait_until_succeeds("test \"$(systemctl show -P SubState aegis.service)\" = auto-restart", timeout=20)
+        server.wait_until_succeeds("test \"$(systemctl show -P NRestarts aegis.service)\" = 1", timeout=90)
+        server.wait_for_unit("aegis.service")
+        assert server.succeed("systemctl show -P MainPID aegis.service").strip() != main
+        prometheus.wait_until_succeeds(f"curl -sSf {url}/local | grep -F 'source=\"local\"'")
+
+    with subtest("stopping aegis leaves it inactive, not failed"):
+        server.systemctl("stop aegis.service")
+        server.succeed("test \"$(systemctl show -P ActiveState aegis.service)\" = inactive")
+        server.succeed("test \"$(systemctl show -P Result aegis.service)\" = success")
+        prometheus.fail(f"curl -sS {url}/-/healthy")
+        server.systemctl("start aegis.service")
+        server.wait_for_open_port(${toString port})
 
     server.log(server.succeed("systemd-analyze security aegis.service | grep -v '✓'"))
   '';
