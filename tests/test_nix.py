@@ -9,7 +9,11 @@ Nothing here builds with Nix. What runs:
 - the ExecStart it evaluates to, split as systemd splits it, starts the
   installed aegis, which then serves a real Unix-socket exporter;
 - pkgs/aegis/default.nix, called with stub arguments, has a source that holds
-  the Python project and the tests and nothing else;
+  the Python project, the tests and README.md, and nothing else;
+- the build's check phase, rehearsed: its pytest command on a read-only copy of
+  exactly the files that source selects, as an unprivileged user with
+  HOME=/homeless-shelter, no network and only the installed package (root);
+- the suite collects with --import-mode=importlib, as newer pytestCheckHooks run it;
 - the VM test's script is valid Python.
 
 Needs nix-instantiate (Debian: nix-bin) and, for everything but parsing, a
