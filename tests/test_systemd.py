@@ -70,6 +70,11 @@ WEB_DIR = "/etc/aegis"
 TARGET = "aegis-test.target"
 USER, PASSWORD = "prometheus", "scrape-secret"
 BOOT_WITHIN = 90.0
+# Without systemd as the host's init there is no machined to register with and no manager to ask
+# for a scope: the container then stays in the test's own cgroup.
+HOST_WITHOUT_SYSTEMD = (
+    [] if Path("/run/systemd/system").is_dir() else ["--register=no", "--keep-unit"]
+)
 
 
 # --- the module's settings as the files NixOS writes ------------------------------------------
@@ -215,9 +220,7 @@ class Container:
         argv = [
             NSPAWN,
             "--quiet",
-            # No machined or systemd on the host to register with or to ask for a scope.
-            "--register=no",
-            "--keep-unit",
+            *HOST_WITHOUT_SYSTEMD,
             "--directory=/",
             "--volatile=yes",
             f"--machine={name}",
