@@ -479,9 +479,18 @@ def test_aegis_runs_as_aegis_with_the_modules_hardening(booted: Booted) -> None:
     assert shown["User"] == "aegis"
 
 
+def proc_status_files(booted: Booted) -> list[str]:
+    listing = booted.container.out("ls", "/proc")
+    return [f"/proc/{name}/status" for name in listing.split() if name.isdigit()]
+
+
 def test_aegis_runs_two_workers_on_uvloop(booted: Booted) -> None:
     main = booted.container.show("aegis.service", "MainPID")["MainPID"]
-    workers = booted.container.out("ps", "-o", "pid=", "--ppid", main).split()
+    # The children of the main process, from /proc: procps may not be installed.
+    children = booted.container.run(
+        "grep", "-lE", f"^PPid:[[:space:]]+{main}$", *proc_status_files(booted), check=False
+    ).stdout.split()
+    workers = [path.split("/")[2] for path in children]
     assert len(workers) == 2, workers
     for worker in workers:
         maps = booted.container.out("cat", f"/proc/{worker}/maps")
