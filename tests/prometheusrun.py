@@ -22,6 +22,19 @@ PROMETHEUS = shutil.which("prometheus")
 Series = list[dict[str, Any]]
 
 
+def up_by_name(result: Series) -> dict[str, float]:
+    """``up`` per ``job/target`` (the target label, "" without one), from the query ``up``."""
+    return {
+        f"{r['metric']['job']}/{r['metric'].get('target', '')}": float(r["value"][1])
+        for r in result
+    }
+
+
+def up_is(want: dict[str, float]) -> Callable[[Series], bool]:
+    """A ``done`` for :meth:`Prometheus.wait_for_up`: ``up`` is exactly ``want``."""
+    return lambda result: up_by_name(result) == want
+
+
 class Prometheus:
     """One ``prometheus`` child with ``config`` as its config file; output goes to a log file."""
 

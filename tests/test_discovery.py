@@ -148,6 +148,7 @@ async def test_landing_page_in_json_when_asked(
         "version": "0.1.0",
         "targets": [{"name": "node", "path": "/node"}],
         "endpoints": ["/-/metrics", "/-/sd", "/-/healthy", "/-/ready"],
+        "socket_directory": {"path": str(sockdir), "error": None},
     }
     # A client that prefers HTML gets HTML even if it would take JSON.
     prefers_html = {"Accept": "application/json;q=0.5, text/html"}

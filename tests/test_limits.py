@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aegisrun import Aegis, Children, needs_aegis
 from aiohttp import web
+from ownmetrics import own_metrics, total
 
 from aegis.limits import Limits
 from aegis.proxy import FAILURE_STATUS
@@ -274,3 +275,57 @@ async def test_keep_alive_requests_after_a_pause_are_served(
                 body += await reader.read(65536)
     finally:
         writer.close()
+
+
+class HangingService:
+    """Reads each request and never answers; counts the connections Aegis holds open to it."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.changed = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            self.open += 1
+            self.changed.set()
+            try:
+                await reader.read()  # until Aegis lets go of the connection
+            finally:
+                self.open -= 1
+                self.changed.set()
+
+    async def until_open(self, count: int, within: float) -> None:
+        async with asyncio.timeout(within):
+            while self.open != count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@needs_aegis
+async def test_a_scraper_that_hangs_up_gives_back_its_slot_and_connection_at_once(
+    sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    """Whatever timeout it announced, a scraper that leaves cancels its upstream exchange."""
+    hanging = HangingService()
+    await upstreams.raw(sockdir / "hang.sock", hanging)
+    _, port = await start_aegis(children, sockdir, "--limit.concurrent-requests-per-target=2")
+    values = ("1e9", "inf", "-inf", "nan", "-1", "0", "soon", "120", "\xff")
+    for value in values:
+        request = (
+            b"GET /hang HTTP/1.1\r\nHost: aegis\r\nX-Prometheus-Scrape-Timeout-Seconds: %s\r\n\r\n"
+        )
+        writers = []
+        for _ in range(2):  # every slot of the target
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request % value.encode("latin-1"))
+            writers.append(writer)
+        await hanging.until_open(2, within=10)
+        for writer in writers:
+            writer.close()
+        # Given back within a second or so (generous: the machine is shared), not at the
+        # 10 s default deadline, let alone the 120 s ceiling.
+        await hanging.until_open(0, within=5)
+    samples = await own_metrics(port)
+    assert total(samples, "aegis_requests_in_flight") == 0
+    assert total(samples, "aegis_requests_total", code="499", target="hang") == 2 * len(values)

@@ -605,12 +605,17 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "modules/aegis.nix": "{ }",
         "flake.nix": "{ }",
         "README.md": "",
+        ".ci/run": "",
+        ".gitignore": "",
+        ".ci/other": "",
     }.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     drv = probe_package(nixpkgs_lib, root, tmp_path)
 
     assert sorted(drv.pop("files")) == [
+        ".ci/run",
+        ".gitignore",
         "README.md",
         "pkgs/aegis/aegis/__init__.py",
         "pkgs/aegis/pyproject.toml",
@@ -634,6 +639,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "build-system": ["setuptools"],
         "dependencies": ["aiohttp", "bcrypt", "httptools", "prometheus-client", "pyyaml", "uvloop"],
         "nativeCheckInputs": [
+            "hypothesis",
             "prometheus",
             "prometheus.cli",
             "pytest-aiohttp",

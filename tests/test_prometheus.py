@@ -11,7 +11,7 @@ import bcrypt
 import pytest
 import trustme
 from aegisrun import Children, needs_aegis
-from prometheusrun import PROMETHEUS, Prometheus, Series
+from prometheusrun import PROMETHEUS, Prometheus, up_is
 
 from conftest import Upstreams
 
@@ -22,11 +22,6 @@ pytestmark = [
         reason="prometheus is not installed (Debian: apt-get install prometheus)",
     ),
 ]
-
-
-def up_by_name(result: Series) -> dict[str, float]:
-    """``up`` per job and target name, from the answer to the query ``up``."""
-    return {f"{r['metric']['job']}/{r['metric']['target']}": float(r["value"][1]) for r in result}
 
 
 async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_sees_a_new_socket(
@@ -75,9 +70,6 @@ async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_see
         + f"      - url: https://127.0.0.1:{port}/-/sd\n        refresh_interval: 1s\n"
         + secure.replace("    ", "        ")
     )
-
-    def up_is(want: dict[str, float]) -> Callable[[Series], bool]:
-        return lambda result: up_by_name(result) == want
 
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import gzip
 import os
 import shutil
@@ -10,11 +12,18 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import bcrypt
 import pytest
 from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
-from aegis.proxy import Config, deadline, make_app
+from aegis import proxy
+from aegis.proxy import LIMITS_KEY, MAX_SCRAPE_TIMEOUT, Config, deadline, make_app
+from aegis.upstream import MAX_HEAD
+from aegis.webauth import setup_web_config
+from aegis.webconfig import load_web_config
 from conftest import AegisFactory, Upstreams, raw_http
 
 PAGE = "# TYPE up gauge\nup 1\n"
@@ -55,7 +64,7 @@ async def test_sockdir_missing_at_start_is_served_once_it_appears(
     later = tmp_path / "later"
     client = await aegis(sockdir=later)
     assert "does not exist" in caplog.text
-    assert (await client.get("/svc")).status == 404
+    assert (await client.get("/svc")).status == 503
     later.mkdir()
     await upstreams.metrics(later / "svc.sock", PAGE)
     response = await client.get("/svc")
@@ -231,8 +240,14 @@ def test_deadline_arithmetic() -> None:
     assert deadline(request_with("10"), config) == 9.5
     assert deadline(request_with("0.6"), config) == 0.3  # never below half the scraper's budget
     assert deadline(request_with(None), config) == 7
-    for bad in ("soon", "-1", "0", "inf", "nan"):
+    for bad in ("soon", "-1", "0", "-0", "inf", "-inf", "nan", "1e999", "", "0x10", "1,5"):
         assert deadline(request_with(bad), config) == 7
+    # A scraper cannot hold a slot for longer than the ceiling, however long it says it waits.
+    for huge in ("1e9", "121", "99999999999999999999999"):
+        assert deadline(request_with(huge), config) == MAX_SCRAPE_TIMEOUT == 120
+    patient = Config(timeout_offset=0.5, scrape_timeout=300)
+    assert deadline(request_with("1e9"), patient) == 300  # a longer --scrape.timeout raises it
+    assert deadline(request_with("1e-9"), config) == 0.5e-9
 
 
 async def test_stale_socket_file_is_502(aegis: AegisFactory, sockdir: Path) -> None:
@@ -267,21 +282,6 @@ async def test_upstream_closing_without_answer_is_502(
     response = await client.get("/svc")
     assert response.status == 502
     assert "closed before an answer" in await response.text()
-
-
-async def test_garbage_instead_of_http_is_502(
-    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
-) -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-        await writer.drain()
-
-    await upstreams.raw(sockdir / "svc.sock", garbage)
-    client = await aegis()
-    response = await client.get("/svc")
-    assert response.status == 502
-    assert "invalid HTTP" in await response.text()
 
 
 def raw_answer(head: bytes, *body_parts: bytes, then_close: bool = True):  # type: ignore[no-untyped-def]
@@ -369,8 +369,6 @@ async def test_deadline_during_the_body_aborts_the_client(
 
 
 async def test_library_mounts_as_a_subapp(upstreams: Upstreams, sockdir: Path) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
-
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     outer = web.Application()
     outer.add_subapp("/aegis/", make_app(Config(sockdir=sockdir)))
@@ -409,3 +407,317 @@ async def test_permission_denied_is_502_and_the_log_names_file_and_group(
     assert await aegis.stop() == 0
     assert f"{sockdir / 'svc.sock'} is root:root mode 0000" in aegis.output()
     assert "aegis runs as root in groups root" in aegis.output()
+
+
+# --- fidelity: the head as the upstream sent it, the request head as the scraper sent it ---
+
+
+def answer_once(answer: bytes, heads: list[bytes] | None = None):  # type: ignore[no-untyped-def]
+    """A raw upstream that records each request head and answers it with ``answer``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if heads is not None:
+                heads.append(head)
+            writer.write(answer)
+            await writer.drain()
+
+    return serve
+
+
+async def recording_upstream(upstreams: Upstreams, path: Path) -> list[bytes]:
+    """A good upstream at ``path``; returns the request heads it receives, as bytes."""
+    heads: list[bytes] = []
+    await upstreams.raw(
+        path, answer_once(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nup 1\n", heads)
+    )
+    return heads
+
+
+def split_answer(answer: bytes) -> tuple[bytes, list[bytes], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *fields = head.split(b"\r\n")
+    return status_line, fields, body
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_the_response_head_goes_out_as_the_upstream_sent_it(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, framing: str
+) -> None:
+    if framing == "length":
+        body_framing, body = b"Content-Length: 5\r\n", b"up 1\n"
+    else:
+        body_framing, body = b"Transfer-Encoding: chunked\r\n", b"5\r\nup 1\n\r\n0\r\n\r\n"
+    await upstreams.raw(
+        sockdir / "svc.sock",
+        answer_once(
+            b"HTTP/1.1 299 Caf\xe9 \xe2\x82\xac\r\nX-Latin: caf\xe9\r\nx-lower-CASE: As Is\r\n"
+            b"X-Raw: \x80\xff\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+            + body_framing
+            + b"\r\n"
+            + body
+        ),
+    )
+    client = await aegis()
+    assert client.port is not None
+    answer = await raw_http(
+        client.port, b"GET /svc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    status_line, fields, got = split_answer(answer)
+    assert status_line == b"HTTP/1.1 299 Caf\xe9 \xe2\x82\xac"  # reason bytes untouched
+    assert fields[:5] == [
+        b"X-Latin: caf\xe9",
+        b"x-lower-CASE: As Is",
+        b"X-Raw: \x80\xff",
+        b"Set-Cookie: a=1",
+        b"Set-Cookie: b=2",
+    ]
+    names = [field.split(b":")[0].lower() for field in fields]
+    # No invented Content-Type or Server; a Date, as RFC 9110 asks of a proxy.
+    assert b"content-type" not in names
+    assert b"server" not in names
+    assert names.count(b"date") == 1
+    assert got.endswith(b"up 1\n") or b"up 1\n" in got
+
+
+async def test_the_upstreams_date_is_kept_and_none_added(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    date = b"Date: Tue, 01 Jan 2030 00:00:00 GMT"
+    await upstreams.raw(
+        sockdir / "svc.sock",
+        answer_once(b"HTTP/1.1 200 OK\r\n" + date + b"\r\nContent-Length: 5\r\n\r\nup 1\n"),
+    )
+    client = await aegis()
+    assert client.port is not None
+    request = b"GET /svc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    _, fields, body = split_answer(await raw_http(client.port, request))
+    assert [field for field in fields if field.lower().startswith(b"date:")] == [date]
+    assert b"Content-Length: 5" in fields
+    assert b"Connection: close" in fields
+    assert body == b"up 1\n"
+
+
+async def test_odd_bytes_in_every_request_header_go_to_the_upstream_as_they_came(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    heads = await recording_upstream(upstreams, sockdir / "svc.sock")
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry, max_concurrent_per_target=2)
+    assert client.port is not None
+    odd = [b"\xe2\x82\xac", b"\xff", b"\x80\xfe", b"caf\xe9, \xff"]
+    names = [
+        b"Connection",
+        b"Host",
+        b"User-Agent",
+        b"Accept",
+        b"X-Forwarded-For",
+        b"X-Prometheus-Scrape-Timeout-Seconds",
+        b"Authorization",
+        b"X-\xe9",
+    ]
+    sent = 0
+    for value in odd:
+        for name in names:
+            host = b"" if name == b"Host" else b"Host: aegis\r\n"
+            request = b"GET /svc?q=%%ff&x=[] HTTP/1.1\r\n%s%s: %s\r\nConnection: close\r\n\r\n"
+            request %= (host, name, value)
+            answer = await raw_http(client.port, request)
+            sent += 1
+            if name == b"X-\xe9":  # not a token: the HTTP parser refuses it, not the proxy
+                assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
+                sent -= 1
+                continue
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (name, value, answer[:200])
+            head = heads[-1]
+            assert head.startswith(b"GET /metrics?q=%ff&x=[] HTTP/1.1\r\n")
+            if name == b"Host":
+                assert b"\r\nHost: %s\r\n" % value in head
+            elif name == b"X-Forwarded-For":
+                assert b"\r\nX-Forwarded-For: %s, 127.0.0.1\r\n" % value in head
+            elif name != b"Connection":
+                assert b"\r\n%s: %s\r\n" % (name, value) in head
+    # Every slot given back (the first defect leaked one per odd Connection header).
+    app = client.server.app
+    assert app is not None
+    assert app[LIMITS_KEY].in_flight() == 0
+    assert registry.get_sample_value("aegis_requests_in_flight") == 0
+    total = sum(
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "aegis_requests"
+        for sample in metric.samples
+        if sample.name == "aegis_requests_total"
+    )
+    assert total == sent
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "protocol", id="not-http"),
+        pytest.param(b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n", "protocol", id="000"),
+        pytest.param(b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", "protocol", id="099"),
+        pytest.param(b"HTTP/1.1 600 High\r\nContent-Length: 0\r\n\r\n", "protocol", id="600"),
+        pytest.param(b"HTTP/1.1 999 High\r\nContent-Length: 0\r\n\r\n", "protocol", id="999"),
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nxx",
+            "protocol",
+            id="101",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70000 + b"\r\nContent-Length: 0\r\n\r\n",
+            "too_large",
+            id="huge-head",
+        ),
+        pytest.param(
+            (b"HTTP/1.1 103 Early Hints\r\nLink: " + b"b" * 1000 + b"\r\n\r\n") * 100,
+            "too_large",
+            id="many-interim-answers",
+        ),
+    ],
+)
+async def test_nonsense_answers_are_a_counted_502(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    answer: bytes,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await upstreams.raw(sockdir / "svc.sock", answer_once(answer))
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    response = await client.get("/svc")
+    assert response.status == 502
+    assert registry.get_sample_value("aegis_upstream_errors_total", {"target": "svc", "kind": kind})
+    assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"})
+    assert "Traceback" not in caplog.text
+
+
+async def test_an_endless_response_head_is_cut_off(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for i in range(100000):  # 2.5 MB, far past the bound
+                writer.write(b"X-Line-%d: %s\r\n" % (i, b"x" * 16))
+                await writer.drain()
+
+    await upstreams.raw(sockdir / "svc.sock", endless)
+    client = await aegis(scrape_timeout=30)
+    response = await client.get("/svc")
+    assert (response.status, await response.text()) == (
+        502,
+        f"upstream: response head over {MAX_HEAD} bytes\n",
+    )
+
+
+async def test_bytes_after_a_complete_answer_are_dropped_with_the_connection(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    connections = 0
+
+    async def two_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nup 1\n"
+            b"HTTP/1.1 200 OK\r\nX-Injected: 1\r\nContent-Length: 5\r\n\r\nup 0\n"
+        )
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+
+    await upstreams.raw(sockdir / "svc.sock", two_answers)
+    client = await aegis()
+    for _ in range(2):
+        response = await client.get("/svc")
+        assert (response.status, await response.text()) == (200, "up 1\n")
+        assert "X-Injected" not in response.headers
+    assert connections == 2  # the connection was not kept for the next scrape
+
+
+async def test_an_unexpected_error_is_a_counted_502_logged_once(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in the proxy path (injected here) is still answered, counted and logged."""
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(proxy, "relayed_fields", broken)
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry, max_concurrent_per_target=1)
+    for _ in range(3):
+        response = await client.get("/svc")
+        assert (response.status, await response.text()) == (502, "internal error\n")
+    assert (
+        registry.get_sample_value(
+            "aegis_upstream_errors_total", {"target": "svc", "kind": "internal"}
+        )
+        == 3
+    )
+    assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"}) == 3
+    assert registry.get_sample_value("aegis_requests_in_flight") == 0
+    # Once per request, with its traceback.
+    logged = [record for record in caplog.records if record.exc_info is not None]
+    assert len(logged) == 3
+    assert caplog.text.count("RuntimeError: injected bug") == 3
+
+
+async def test_with_basic_auth_odd_header_bytes_pass_and_credentials_do_not(
+    upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    heads = await recording_upstream(upstreams, sockdir / "svc.sock")
+    hashed = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode()
+    users = tmp_path / "web.yml"
+    users.write_text(f"basic_auth_users:\n  alice: '{hashed}'\n")
+    app = make_app(Config(sockdir=sockdir))
+    setup_web_config(app, load_web_config(users))
+    token = base64.b64encode(b"alice:wonderland")
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert client.port is not None
+        for value in (b"\xff", b"\xe2\x82\xac", b"caf\xe9"):
+            request = b"GET /svc HTTP/1.1\r\nHost: a\r\nAuthorization: Basic %s\r\nX-Odd: %s\r\n"
+            answer = await raw_http(
+                client.port, request % (token, value) + b"Connection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
+            assert b"\r\nX-Odd: %s\r\n" % value in heads[-1]
+            assert b"authorization" not in heads[-1].lower()
+
+
+async def test_endless_trailers_are_cut_off_at_the_bound(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    trailer = b"X-Trailer: " + b"t" * 200_000  # never ends: the upstream then waits
+    await upstreams.raw(
+        sockdir / "svc.sock",
+        raw_answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"10000\r\n" + b"x" * 0x10000 + b"\r\n0\r\n",
+            trailer,
+            then_close=False,
+        ),
+    )
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry, scrape_timeout=30)
+    response = await client.get("/svc")
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    labels = {"target": "svc", "kind": "too_large"}
+    assert registry.get_sample_value("aegis_upstream_errors_total", labels) == 1

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from aegis.targets import BadName, NoSuchTarget, Target, Targets, check_name
+from aegis import targets as targets_module
+from aegis.targets import (
+    BadName,
+    DirectoryUnavailable,
+    NoSuchTarget,
+    Target,
+    Targets,
+    check_name,
+)
 from conftest import AegisFactory, Upstreams, raw_http
 
 
@@ -72,10 +81,12 @@ def test_symlink_in_sockdir_may_point_at_a_socket_elsewhere(tmp_path: Path, sock
     held.close()
 
 
-def test_missing_sockdir_is_empty_not_fatal(tmp_path: Path) -> None:
+def test_missing_sockdir_is_unavailable_not_empty_until_it_appears(tmp_path: Path) -> None:
     targets = Targets(tmp_path / "not-yet", {})
-    assert targets.names() == []
-    with pytest.raises(NoSuchTarget):
+    with pytest.raises(DirectoryUnavailable, match="not-yet: does not exist"):
+        targets.names()
+    assert targets.count() is None
+    with pytest.raises(DirectoryUnavailable, match="does not exist"):
         targets.resolve("svc")
     (tmp_path / "not-yet").mkdir()
     held = make_socket(tmp_path / "not-yet" / "svc.sock")
@@ -140,3 +151,200 @@ async def test_hostile_names_never_leave_sockdir(
     assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == str(status).encode()
     assert outside == []
     assert hidden == []
+
+
+def bind_anywhere(path: Path) -> socket.socket:
+    """A Unix socket at a path of any length: bound by its name, from inside its directory (a
+    test may change the working directory; Aegis never does)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        sock.bind(path.name)
+    finally:
+        os.chdir(cwd)
+    return sock
+
+
+def test_a_long_socket_path_is_reached_through_a_descriptor_of_that_very_file(
+    sockdir: Path,
+) -> None:
+    name = "n" * 90
+    held = bind_anywhere(sockdir / f"{name}.sock")
+    targets = Targets(sockdir, {})
+    endpoint = targets.resolve(name)
+    assert endpoint.socket == str(sockdir / f"{name}.sock")
+    assert len(endpoint.address) <= 107
+    assert os.stat(endpoint.address).st_ino == endpoint.identity[1]
+    # The same descriptor while the file stays: pooled connections keep matching.
+    assert targets.resolve(name).address == endpoint.address
+    held.close()
+    (sockdir / f"{name}.sock").unlink()
+    replacement = bind_anywhere(sockdir / f"{name}.sock")
+    again = targets.resolve(name)
+    assert again.identity != endpoint.identity
+    assert os.stat(again.address).st_ino == again.identity[1]
+    replacement.close()
+
+
+def test_descriptors_of_long_paths_are_bounded_and_closed_once_unused(tmp_path: Path) -> None:
+    sockdir = tmp_path / ("d" * 80)
+    sockdir.mkdir()
+    held = [bind_anywhere(sockdir / f"svc{i:03d}.{'x' * 40}.sock") for i in range(100)]
+    targets = Targets(sockdir, {})
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(100):
+        targets.resolve(f"svc{i:03d}.{'x' * 40}")
+    assert len(os.listdir("/proc/self/fd")) - before <= 64
+    kept = targets.resolve(f"svc000.{'x' * 40}")
+    del targets
+    assert os.stat(kept.address).st_ino == kept.identity[1]  # still held by the endpoint
+    address = kept.address
+    del kept
+    assert not os.path.exists(address)
+    for sock in held:
+        sock.close()
+
+
+def test_a_name_too_long_for_a_deep_directory_is_unknown_not_an_error(tmp_path: Path) -> None:
+    # Past PATH_MAX (4096 bytes with the NUL) no path names a file at all; a deep directory still
+    # serves the names that fit, through a descriptor.
+    sockdir = tmp_path
+    while len(str(sockdir)) < 4000 - 201:
+        sockdir = sockdir / ("p" * 200)
+    sockdir = sockdir / ("q" * (4000 - len(str(sockdir)) - 1))
+    sockdir.mkdir(parents=True)
+    assert len(str(sockdir)) == 4000
+    held = bind_anywhere(sockdir / "short.sock")
+    targets = Targets(sockdir, {})
+    endpoint = targets.resolve("short")
+    assert os.stat(endpoint.address).st_ino == endpoint.identity[1]
+    assert targets.names() == ["short"]
+    with pytest.raises(NoSuchTarget, match="file name too long"):
+        targets.resolve("x" * 100)
+    held.close()
+
+
+def test_an_explicit_socket_path_longer_than_the_system_allows_is_refused() -> None:
+    with pytest.raises(ValueError, match="longer than the system allows"):
+        Target("x", Path("/" + "a/" * 2100 + "x.sock"))
+
+
+def test_odd_entries_are_neither_listed_nor_resolved(tmp_path: Path, sockdir: Path) -> None:
+    held = make_socket(sockdir / "ok.sock")
+    (sockdir / "loop.sock").symlink_to("loop.sock")
+    (sockdir / "ping.sock").symlink_to("pong.sock")
+    (sockdir / "pong.sock").symlink_to("ping.sock")
+    (sockdir / "dangling.sock").symlink_to(tmp_path / "nowhere.sock")
+    (tmp_path / "a-directory").mkdir()
+    (sockdir / "dirlink.sock").symlink_to(tmp_path / "a-directory")
+    os.mkfifo(sockdir / "fifo.sock")
+    odd = make_socket(Path(os.fsdecode(bytes(sockdir) + b"/odd\xff\x01.sock")))
+    targets = Targets(sockdir, {})
+    assert targets.names() == ["ok"]
+    for name, why in [
+        ("loop", "symlink loop"),
+        ("ping", "symlink loop"),
+        ("dangling", "no such socket"),
+        ("dirlink", "not a socket"),
+        ("fifo", "not a socket"),
+    ]:
+        with pytest.raises(NoSuchTarget, match=why):
+            targets.resolve(name)
+    assert targets.count() == 1
+    held.close()
+    odd.close()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "loop", "dangling"])
+def test_a_broken_directory_is_unavailable_with_its_reason(tmp_path: Path, kind: str) -> None:
+    sockdir = tmp_path / "run"
+    reason = {
+        "missing": "does not exist",
+        "file": "is not a directory",
+        "loop": "symlink loop",
+        "dangling": "does not exist",
+    }[kind]
+    if kind == "file":
+        sockdir.write_text("")
+    elif kind == "loop":
+        sockdir.symlink_to(sockdir)
+    elif kind == "dangling":
+        sockdir.symlink_to(tmp_path / "gone")
+    explicit_socket = make_socket(tmp_path / "explicit.sock")
+    targets = Targets(sockdir, {"explicit": Target("explicit", tmp_path / "explicit.sock")})
+    assert targets.directory_problem() == f"{sockdir}: {reason}"
+    with pytest.raises(DirectoryUnavailable, match=reason):
+        targets.names()
+    with pytest.raises(DirectoryUnavailable, match=reason):
+        targets.resolve("svc")
+    assert targets.count() is None
+    assert targets.resolve("explicit").name == "explicit"
+    explicit_socket.close()
+
+
+def test_a_replaced_directory_is_looked_at_anew(tmp_path: Path, sockdir: Path) -> None:
+    first = make_socket(sockdir / "svc.sock")
+    targets = Targets(sockdir, {})
+    before = targets.resolve("svc").identity
+    sockdir.rename(tmp_path / "old")
+    sockdir.mkdir()
+    second = make_socket(sockdir / "svc.sock")
+    assert targets.resolve("svc").identity != before
+    assert targets.names() == ["svc"]
+    first.close()
+    second.close()
+
+
+class _Later:
+    """``time`` for aegis.targets, a minute ahead: every listing counts as settled and is kept."""
+
+    @staticmethod
+    def time_ns() -> int:
+        return time.time_ns() + 60 * 10**9
+
+
+def tick() -> None:
+    """Let the file system's clock tick, so the next change moves the directory's time stamps
+    (a change in the same tick as a listing is what the settling time is for)."""
+    time.sleep(0.03)
+
+
+def test_a_kept_listing_still_sees_every_change(
+    tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing is reused while the directory's time stamps stand, as on a quiet server:
+    additions, removals, renames and what links point at still show at once."""
+    monkeypatch.setattr(targets_module, "time", _Later)
+    held = [make_socket(sockdir / "a.sock")]
+    (sockdir / "link.sock").symlink_to(tmp_path / "elsewhere.sock")
+    targets = Targets(sockdir, {})
+    assert targets.names() == ["a"]
+    assert targets.names() == ["a"]
+    held.append(make_socket(tmp_path / "elsewhere.sock"))  # the link's target appears
+    assert targets.names() == ["a", "link"]
+    tick()
+    held.append(make_socket(sockdir / "b.sock"))
+    assert targets.names() == ["a", "b", "link"]
+    tick()
+    (sockdir / "a.sock").unlink()
+    assert targets.names() == ["b", "link"]
+    tick()
+    (sockdir / "b.sock").rename(sockdir / "c.sock")
+    assert targets.names() == ["c", "link"]
+    for sock in held:
+        sock.close()
+
+
+def test_a_kept_listing_is_dropped_when_the_directory_is_replaced(
+    tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(targets_module, "time", _Later)
+    held = make_socket(sockdir / "a.sock")
+    targets = Targets(sockdir, {})
+    assert targets.names() == ["a"]
+    tick()
+    sockdir.rename(tmp_path / "old")
+    sockdir.mkdir()
+    assert targets.names() == []
+    held.close()

@@ -9,8 +9,9 @@ import aiohttp
 import pytest
 from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from conftest import AegisFactory, Upstreams
+from conftest import AegisFactory, Upstreams, raw_http
 
 
 class KeepAliveService:
@@ -197,3 +198,110 @@ async def test_memory_stays_flat_while_a_100_mb_page_passes(
     assert received == len(chunk) * count
     # 100 MiB went through; the process grew by a small buffer's worth, not by the page.
     assert peak - baseline < 24 * 1024, f"peak RSS grew by {peak - baseline} KiB"
+
+
+async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def _close_after_partial_head(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+    await writer.drain()
+    writer.close()
+
+
+async def _reset_after_the_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.transport.abort()
+
+
+async def _reset_without_reading(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [_close_at_once, _close_after_partial_head, _reset_after_the_request, _reset_without_reading],
+)
+async def test_an_upstream_that_hangs_up_gives_a_counted_502_every_time(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    upstream: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What socat in front of a stopped exporter does: accept, then close."""
+    await upstreams.raw(sockdir / "svc.sock", upstream)  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    for _ in range(5):
+        response = await client.get("/svc")
+        assert response.status == 502, await response.text()
+    assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"}) == 5
+    errors = sum(
+        registry.get_sample_value("aegis_upstream_errors_total", {"target": "svc", "kind": kind})
+        or 0
+        for kind in ("reset", "stale", "protocol")
+    )
+    assert errors == 5
+    assert registry.get_sample_value("aegis_requests_in_flight") == 0
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_dead_idle_connection_is_retried_once_on_a_fresh_one(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """The idle connection answers nothing when reused, and every new one closes at once: one
+    retry, then a 502, never a loop."""
+    connections = 0
+
+    async def serve_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            writer.close()
+            return
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the reuse: closed without an answer
+        writer.close()
+
+    await upstreams.raw(sockdir / "svc.sock", serve_once)
+    client = await aegis()
+    assert (await client.get("/svc")).status == 200
+    response = await client.get("/svc")
+    assert response.status == 502
+    assert "closed before an answer" in await response.text()
+    assert connections == 2  # the idle one, and a single fresh one
+
+
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+async def test_a_streamed_page_reaches_an_http_1_0_client_delimited_by_the_close(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, connection: bytes
+) -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"up", b" 1\n"):
+            await asyncio.sleep(0.05)  # not whole with the head: the streaming path
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    await upstreams.raw(sockdir / "svc.sock", trickle)
+    client = await aegis()
+    assert client.port is not None
+    answer = await raw_http(client.port, b"GET /svc HTTP/1.0\r\n" + connection + b"\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"up 1\n"  # and then the connection closed: raw_http read to the end

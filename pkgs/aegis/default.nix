@@ -14,6 +14,7 @@
   uvloop,
 
   # tests
+  hypothesis,
   prometheus,
   pytest-aiohttp,
   pytestCheckHook,
@@ -24,8 +25,9 @@ let
   pyproject = lib.importTOML ./pyproject.toml;
 
   # The Python project is pkgs/aegis/, but its tests are in tests/ at the
-  # repository root, and tests/test_readme.py checks README.md, so the source
-  # is the repository cut down to those. The Nix files are left out, so that
+  # repository root, and tests/test_readme.py checks README.md against the
+  # code, CI's script and .gitignore, so the source is the repository cut down
+  # to those. The Nix files are left out, so that
   # editing them does not rebuild the package, and so are tests/test_nix.py
   # and tests/test_systemd.py, which check those Nix files and need tools
   # (nix-instantiate, root, systemd-nspawn) the build sandbox does not have.
@@ -33,6 +35,8 @@ let
     root = ../..;
     fileset = lib.fileset.unions [
       ../../README.md
+      ../../.ci/run
+      ../../.gitignore
       (lib.fileset.difference ./. ./default.nix)
       (lib.fileset.difference ../../tests (
         lib.fileset.unions [
@@ -64,6 +68,7 @@ buildPythonPackage {
   ];
 
   nativeCheckInputs = [
+    hypothesis # the property-based part of tests/test_chaos.py
     # prometheus and promtool, for the end-to-end tests that scrape through
     # Aegis; nixpkgs moves promtool to prometheus' cli output
     prometheus

@@ -1,7 +1,10 @@
 """What Aegis tells about itself: the landing page ``/``, ``/-/sd``, ``/-/healthy``, ``/-/ready``.
 
 Everything here is computed per request from :meth:`aegis.targets.Targets.names` (a directory
-scan): a socket that appears is listed by the next request, with no cache to go stale.
+scan, reused only while the directory's time stamps say nothing changed): a socket that appears
+is listed by the next request. A socket
+directory that cannot be listed makes ``/-/sd`` a 503 with the reason: Prometheus keeps the
+targets it had (an empty list would make it drop them all); the landing page shows the reason.
 
 ``/-/sd`` is Prometheus HTTP service discovery (``http_sd_configs``): one group per target,
 addressed the way the client reached Aegis (its ``Host`` header), unless an external URL says
@@ -12,15 +15,20 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
 from . import __version__
-from .targets import Targets
+from .targets import DirectoryUnavailable, Targets
 
 __all__ = ["ENDPOINTS", "ExternalURL", "landing", "service_discovery"]
+
+# Names that read the same in HTML, in a URL path and as text: nothing to escape.
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]+")
 
 #: The reserved paths, in the order the landing page lists them.
 ENDPOINTS = ("/-/metrics", "/-/sd", "/-/healthy", "/-/ready")
@@ -61,6 +69,10 @@ def _prefix(request: web.Request, own_path: str) -> str:
 async def service_discovery(
     request: web.Request, targets: Targets, external: ExternalURL | None
 ) -> web.Response:
+    try:
+        names = targets.names()
+    except DirectoryUnavailable as exc:
+        return web.Response(status=503, text=f"socket directory unavailable: {exc.reason}\n")
     labels: dict[str, str] = {}
     if external is not None:
         address, prefix = external.address, external.prefix
@@ -69,14 +81,20 @@ async def service_discovery(
         address, prefix = request.host, _prefix(request, "/-/sd")
         if request.secure:
             labels["__scheme__"] = "https"
-    groups = [
-        {
-            "targets": [address],
-            "labels": {**labels, "__metrics_path__": f"{prefix}/{name}", "target": name},
-        }
-        for name in targets.names()
-    ]
-    return web.Response(text=json.dumps(groups), content_type="application/json")
+    return web.Response(
+        text=_sd_groups(names, address, labels, prefix), content_type="application/json"
+    )
+
+
+def _sd_groups(names: list[str], address: str, labels: dict[str, str], prefix: str) -> str:
+    """``json.dumps`` of one group per name, to the byte, written out by hand: with ten thousand
+    sockets the generic encoder alone took longer than the whole answer may."""
+    common = "".join(f"{_json(key)}: {_json(value)}, " for key, value in labels.items())
+    head = f'{{"targets": {json.dumps([address])}, "labels": {{{common}"__metrics_path__": '
+    groups = ", ".join(
+        f'{head}{_json(f"{prefix}/{name}")}, "target": {_json(name)}}}}}' for name in names
+    )
+    return f"[{groups}]"
 
 
 def _wants_json(accept: str) -> bool:
@@ -104,22 +122,28 @@ def _wants_json(accept: str) -> bool:
 
 
 async def landing(request: web.Request, targets: Targets) -> web.Response:
-    names = targets.names()
+    try:
+        names, problem = targets.names(), None
+    except DirectoryUnavailable as exc:
+        # The explicit targets are still served; the directory's are unknown.
+        names, problem = sorted(targets.explicit), exc.reason
     if _wants_json(request.headers.get("Accept", "")):
-        body = {
-            "version": __version__,
-            "targets": [{"name": name, "path": f"/{name}"} for name in names],
-            "endpoints": list(ENDPOINTS),
-        }
-        return web.Response(text=json.dumps(body), content_type="application/json")
-    # Relative links, so the page works the same under a path prefix (add_subapp, a proxy).
-    items = (
-        "".join(
-            f'<li><a href="{html.escape(quote(name))}">{html.escape(name)}</a></li>\n'
-            for name in names
+        # Written out like /-/sd, for the same reason.
+        listed = ", ".join(
+            f'{{"name": {_json(name)}, "path": {_json(f"/{name}")}}}' for name in names
         )
-        or "<li>none yet: no socket in the directory</li>\n"
-    )
+        directory = {"path": str(targets.sockdir), "error": problem}
+        body = (
+            f'{{"version": {_json(__version__)}, "targets": [{listed}], '
+            f'"endpoints": {json.dumps(ENDPOINTS)}, "socket_directory": {json.dumps(directory)}}}'
+        )
+        return web.Response(text=body, content_type="application/json")
+    # Relative links, so the page works the same under a path prefix (add_subapp, a proxy).
+    items = "".join(map(_link, names))
+    if problem is not None:
+        items += f"<li><strong>socket directory unavailable: {html.escape(problem)}</strong></li>\n"
+    elif not items:
+        items = "<li>none yet: no socket in the directory</li>\n"
     endpoints = "".join(f'<li><a href="{path[1:]}">{path}</a></li>\n' for path in ENDPOINTS)
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8">'
@@ -130,6 +154,14 @@ async def landing(request: web.Request, targets: Targets) -> web.Response:
         "</body>\n</html>\n"
     )
     return web.Response(text=page, content_type="text/html")
+
+
+def _link(name: str) -> str:
+    if not _PLAIN.fullmatch(name):  # every name from the directory is plain
+        name, href = html.escape(name), html.escape(quote(name))
+    else:
+        href = name
+    return f'<li><a href="{href}">{name}</a></li>\n'
 
 
 async def healthy(_: web.Request) -> web.Response:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import (
@@ -41,6 +42,9 @@ from . import __version__
 
 __all__ = ["ProxyMetrics", "serve_metrics"]
 
+_K = TypeVar("_K", bound=Hashable)
+_C = TypeVar("_C")
+
 #: Upstream durations of a scrape: from a few milliseconds to the default 10 s deadline and past.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -54,13 +58,18 @@ class _WorkersCollector(MultiProcessCollector):
         return []
 
 
+#: Label children each cache keeps: the busy targets' lookups stay one dict access, while names
+#: that came and went cost no memory here (prometheus_client keeps their series, as it must).
+MAX_CACHED_CHILDREN = 1024
+
+
 class ProxyMetrics:
     """The proxy's counters, with label children cached so a request costs a dict lookup each."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
-        count_targets: Callable[[], int],
+        count_targets: Callable[[], int | None],
         *,
         multiprocess_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -116,20 +125,28 @@ class ProxyMetrics:
     def request(self, target: str, code: int) -> None:
         child = self._request_children.get((target, code))
         if child is None:
-            child = self._request_children[(target, code)] = self._requests.labels(target, code)
+            child = _cache(self._request_children, (target, code), self._requests.labels)
         child.inc()
 
     def upstream(self, target: str, seconds: float) -> None:
         child = self._duration_children.get(target)
         if child is None:
-            child = self._duration_children[target] = self._duration.labels(target)
+            child = _cache(self._duration_children, target, self._duration.labels)
         child.observe(seconds)
 
     def error(self, target: str, kind: str) -> None:
         child = self._error_children.get((target, kind))
         if child is None:
-            child = self._error_children[(target, kind)] = self._errors.labels(target, kind)
+            child = _cache(self._error_children, (target, kind), self._errors.labels)
         child.inc()
+
+
+def _cache(children: dict[_K, _C], key: _K, labels: Callable[..., _C]) -> _C:
+    """The child for ``key``, remembered; a full cache starts over rather than grow."""
+    if len(children) >= MAX_CACHED_CHILDREN:
+        children.clear()
+    child = children[key] = labels(*key) if isinstance(key, tuple) else labels(key)
+    return child
 
 
 async def serve_metrics(registry: CollectorRegistry) -> web.Response:
@@ -140,17 +157,33 @@ async def serve_metrics(registry: CollectorRegistry) -> web.Response:
 
 
 class _TargetsCollector(Collector):
-    """The number of targets, counted when scraped: sockets come and go without any request."""
+    """The number of targets and the socket directory's health, looked at when scraped: sockets
+    come and go without any request. A directory that cannot be listed has no target count (0
+    would read as "every service is gone"): ``aegis_targets`` is absent until it can be."""
 
-    def __init__(self, count: Callable[[], int]) -> None:
+    def __init__(self, count: Callable[[], int | None]) -> None:
         self._count = count
 
+    def describe(self) -> Iterable[Metric]:
+        return self._families(0)
+
     def collect(self) -> Iterable[Metric]:
+        return self._families(self._count())
+
+    def _families(self, count: int | None) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "aegis_targets",
-            "Targets that exist now (sockets found and explicit targets).",
-            value=self._count(),
+            "aegis_socket_directory_up",
+            "1 when the socket directory can be listed and searched, 0 when not (missing, "
+            "unreadable, not a directory); the log and /-/sd say why.",
+            value=0 if count is None else 1,
         )
+        if count is not None:
+            yield GaugeMetricFamily(
+                "aegis_targets",
+                "Targets that exist now (sockets found and explicit targets); absent while the "
+                "socket directory cannot be listed.",
+                value=count,
+            )
 
 
 class _BuildInfoCollector(Collector):

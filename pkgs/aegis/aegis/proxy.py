@@ -7,8 +7,14 @@ Build the application with :func:`make_app` and run it, or mount it in another a
     outer.add_subapp("/aegis/", make_app(Config(sockdir=Path("/run/metrics"))))
 
 Failures map to statuses in one place (:data:`FAILURE_STATUS`); a scrape either returns what the
-service returned, untouched, or fails visibly — a page cut short aborts the connection, so it is
-never taken for a complete 200.
+service returned, untouched (:mod:`aegis.relay`), or fails visibly — a page cut short aborts the
+connection, so it is never taken for a complete 200. Each request for a target runs inside one
+scope (:class:`_Scrape`) that gives back everything the scrape took and counts it once, whatever
+way it ends; an error nobody foresaw is still a counted, logged 502.
+
+A scraper that hangs up cancels its upstream exchange at once when the server cancels handlers of
+lost connections (aiohttp's ``handler_cancellation=True``, as the ``aegis`` command runs);
+otherwise the exchange runs to its deadline, capped at :data:`MAX_SCRAPE_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import logging
+import math
 import os
 import pwd
 import time
@@ -26,12 +33,22 @@ from prometheus_client import CollectorRegistry
 
 from . import discovery
 from .config import Config, ConfigError, parse_duration
+from .dirwatch import DirectoryWatch
 from .limits import Limits
 from .metrics import ProxyMetrics, serve_metrics
-from .targets import BadName, NoSuchTarget, Target, Targets
+from .relay import Relayed, relayed_fields
+from .targets import BadName, DirectoryUnavailable, NoSuchTarget, Target, Targets
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
-__all__ = ["FAILURE_STATUS", "Config", "ConfigError", "Target", "make_app", "parse_duration"]
+__all__ = [
+    "FAILURE_STATUS",
+    "MAX_SCRAPE_TIMEOUT",
+    "Config",
+    "ConfigError",
+    "Target",
+    "make_app",
+    "parse_duration",
+]
 
 log = logging.getLogger("aegis.proxy")
 
@@ -40,6 +57,15 @@ TARGETS_KEY = web.AppKey("aegis_targets", Targets)
 POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
+WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
+#: Set on a request by whatever checked its ``Authorization`` (basic auth in front of the proxy):
+#: those are Aegis' credentials, never forwarded. A flag rather than a copy of the request, whose
+#: headers aiohttp would re-encode from text (and fail on bytes that are not UTF-8).
+CREDENTIALS_CHECKED = (
+    web.RequestKey("aegis_credentials_checked", bool)  # type: ignore[attr-defined,unused-ignore]
+    if hasattr(web, "RequestKey")
+    else "aegis_credentials_checked"
+)
 
 #: Every way a scrape can fail before the upstream's answer starts, and what the scraper sees.
 FAILURE_STATUS = {
@@ -49,10 +75,13 @@ FAILURE_STATUS = {
     "gone": 502,
     "connect": 502,
     "permission": 502,
+    "directory": 503,
     "reset": 502,
     "stale": 502,
     "truncated": 502,
     "protocol": 502,
+    "too_large": 502,
+    "internal": 502,
     "timeout": 504,
     "overloaded": 503,
 }
@@ -75,19 +104,13 @@ _HOP_BY_HOP = frozenset(
         b"x-forwarded-for",
     }
 )
-_HOP_BY_HOP_RESPONSE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+_HOP_BY_HOP_AUTHORIZATION = _HOP_BY_HOP | {b"authorization"}
 _SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+#: The longest upstream deadline a scraper's timeout header can ask for, in seconds; a longer
+#: ``--scrape.timeout`` raises it. Past it a scraper that hung up no longer holds a slot.
+MAX_SCRAPE_TIMEOUT = 120.0
+#: Counted for a scrape whose client hung up before its answer was written (nginx's code).
+CLIENT_CLOSED = 499
 
 
 def make_app(
@@ -106,8 +129,10 @@ def make_app(
     registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
     app[TARGETS_KEY] = targets
+    # Several workers share the multiprocess directory: one of them logs each directory change.
+    watch = app[WATCH_KEY] = DirectoryWatch(targets, shared=multiprocess_dir)
     app[METRICS_KEY] = ProxyMetrics(
-        registry, lambda: len(targets.names()), multiprocess_dir=multiprocess_dir
+        registry, watch.count_targets, multiprocess_dir=multiprocess_dir
     )
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
     app.cleanup_ctx.append(_upstream_pool)
@@ -134,100 +159,159 @@ def make_app(
 
 async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
-    if not config.sockdir.is_dir():
-        log.warning("socket directory %s does not exist (yet): answering 404", config.sockdir)
-    for target in config.targets.values():
-        if not target.socket.exists():
-            log.warning("target %s: socket %s does not exist (yet)", target.name, target.socket)
     pool = UpstreamPool(
         max_idle_per_socket=config.max_idle_per_socket,
         idle_timeout=config.upstream_idle_timeout,
     )
     app[POOL_KEY] = pool
-    yield
+    # Logs the directory's state and missing explicit sockets at start, then each change.
+    async with app[WATCH_KEY].running():
+        yield
     pool.close()
 
 
 def deadline(request: web.Request, config: Config) -> float:
-    """Seconds the whole upstream exchange may take."""
+    """Seconds the whole upstream exchange may take.
+
+    The scraper's header counts up to :data:`MAX_SCRAPE_TIMEOUT` (or ``scrape_timeout``, if
+    longer); a value that is not a positive, finite number of seconds counts as absent.
+    """
     value = request.headers.get(_SCRAPE_TIMEOUT_HEADER)
-    if value is not None:
-        try:
-            scraper = float(value)
-        except ValueError:
-            scraper = 0.0
-        if scraper > 0 and scraper != float("inf"):
-            # Answer before the scraper gives up, but never with less than half its budget.
-            return max(scraper - config.timeout_offset, scraper / 2)
-    return config.scrape_timeout
+    if value is None:
+        return config.scrape_timeout
+    try:
+        scraper = float(value)
+    except ValueError:
+        return config.scrape_timeout
+    if not 0 < scraper < math.inf:  # nan compares false too
+        return config.scrape_timeout
+    # Answer before the scraper gives up, but never with less than half its budget.
+    wanted = max(scraper - config.timeout_offset, scraper / 2)
+    return min(wanted, max(MAX_SCRAPE_TIMEOUT, config.scrape_timeout))
 
 
-def _failure(
-    metrics: ProxyMetrics, kind: str, target: str, name: str, reason: str, detail: str = ""
-) -> web.Response:
-    """A scrape that failed before the upstream's answer began: counted under ``target`` (the
-    metrics label, "" when the name matched none), logged with the details (paths, owners), and
-    answered with a one-line reason."""
-    status = FAILURE_STATUS[kind]
-    metrics.error(target, kind)
-    metrics.request(target, status)
-    if kind in ("unknown", "overloaded"):
-        level = logging.DEBUG  # a flood of random names or refusals must not flood the log
-    else:
-        level = logging.INFO if status < 500 else logging.WARNING
-    log.log(level, "%s %s: %s%s", status, name, reason, f" ({detail})" if detail else "")
-    return web.Response(status=status, text=reason + "\n")
+class _Scrape:
+    """One request for a target, from its arrival to its end: everything it takes (the in-flight
+    gauge, a concurrency slot, an upstream connection) is given back in :meth:`__exit__`, on
+    every path, and it is counted exactly once (a scraper that hung up: code 499)."""
+
+    __slots__ = ("admitted", "conn", "counted", "limits", "metrics", "pool", "response", "target")
+
+    def __init__(self, metrics: ProxyMetrics, limits: Limits, pool: UpstreamPool) -> None:
+        self.metrics = metrics
+        self.limits = limits
+        self.pool = pool
+        self.target = ""  # the metrics label: "" until a name resolved
+        self.admitted = False
+        self.conn: Exchange | None = None
+        self.response: web.StreamResponse | None = None
+        self.counted = False
+
+    def __enter__(self) -> _Scrape:
+        self.metrics.in_flight.inc()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        conn = self.conn
+        if conn is not None:
+            if kind is None and conn.finished:
+                self.pool.release(conn)
+            else:
+                conn.abort()
+        if self.admitted:
+            self.limits.leave(self.target)
+        self.metrics.in_flight.dec()
+        if not self.counted:  # cancelled: the scraper went away, or the worker is stopping
+            self.count(CLIENT_CLOSED, "client_closed")
+
+    def admit(self) -> str | None:
+        """Take a concurrency slot for the target; or, past a bound, the reason it is refused."""
+        refusal = self.limits.enter(self.target)
+        self.admitted = refusal is None
+        return refusal
+
+    def count(self, status: int, kind: str = "") -> None:
+        self.counted = True
+        if kind:
+            self.metrics.error(self.target, kind)
+        self.metrics.request(self.target, status)
+
+    def fail(self, kind: str, name: str, reason: str, detail: str = "") -> web.Response:
+        """A scrape that failed before the upstream's answer began: counted, logged with the
+        details (paths, owners), and answered with a one-line reason."""
+        status = FAILURE_STATUS[kind]
+        self.count(status, kind)
+        if kind in ("unknown", "overloaded", "directory"):
+            level = logging.DEBUG  # a flood of random names or refusals must not flood the log
+        else:
+            level = logging.INFO if status < 500 else logging.WARNING
+        log.log(level, "%s %s: %s%s", status, name, reason, f" ({detail})" if detail else "")
+        return web.Response(status=status, text=reason + "\n")
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
-    metrics = request.app[METRICS_KEY]
-    metrics.in_flight.inc()
-    try:
-        return await _proxy(request, metrics)
-    finally:
-        metrics.in_flight.dec()
-
-
-async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamResponse:
     app = request.app
+    with _Scrape(app[METRICS_KEY], app[LIMITS_KEY], app[POOL_KEY]) as scrape:
+        try:
+            return await _proxy(request, scrape)
+        except Exception as exc:  # every request ends in a deliberate answer
+            return _unexpected(request, scrape, exc)
+
+
+async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
+    app = request.app
+    metrics = scrape.metrics
     name = request.match_info["name"]
     try:
         endpoint = app[TARGETS_KEY].resolve(name)
     except BadName as exc:
         # Names that match no target are counted as target="": random names add no series.
-        return _failure(metrics, "bad_name", "", repr(name)[:120], f"bad target name: {exc}")
+        return scrape.fail("bad_name", repr(name)[:120], f"bad target name: {exc}")
     except NoSuchTarget as exc:
-        return _failure(metrics, "unknown", "", name, "no such target", str(exc))
+        return scrape.fail("unknown", name, "no such target", str(exc))
+    except DirectoryUnavailable as exc:
+        # Never the name as a label: with the directory gone, any name fails this way.
+        return scrape.fail("directory", name, "socket directory unavailable", exc.reason)
     except PermissionError as exc:
+        scrape.target = name
         detail = _permission_detail(str(exc.filename))
-        return _failure(metrics, "permission", name, name, "permission denied", detail)
+        return scrape.fail("permission", name, "permission denied", detail)
 
-    limits = app[LIMITS_KEY]
-    if (refusal := limits.enter(name)) is not None:
-        return _failure(metrics, "overloaded", name, name, refusal)
+    scrape.target = name
+    if (refusal := scrape.admit()) is not None:
+        return scrape.fail("overloaded", name, refusal)
     head_only = request.method == "HEAD"
     request_head = _request_head(request, endpoint.path)
-    pool = app[POOL_KEY]
-    response: web.StreamResponse | None = None
-    conn: Exchange | None = None
     started = time.perf_counter()
     try:
         async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
-            conn = await pool.send(
-                endpoint.socket, endpoint.identity, request_head, head_only=head_only
+            conn = scrape.conn = await scrape.pool.send(
+                endpoint.address, endpoint.identity, request_head, head_only=head_only
             )
-            reason = conn.reason or None
             first = b"" if head_only else await conn.read()
-            if conn.finished and not head_only:
-                # The whole page came with the head (the common case for a scrape): one
-                # response, one write, no streaming machinery. aiohttp sets Content-Length.
-                pool.release(conn)
+            if conn.finished:
+                # The whole page came with the head (the common case for a scrape): head and
+                # page go out in one write, no streaming machinery.
                 metrics.upstream(name, time.perf_counter() - started)
-                metrics.request(name, conn.status)
-                headers = _response_headers(conn, keep_length=False)
-                return web.Response(status=conn.status, reason=reason, headers=headers, body=first)
-            headers = _response_headers(conn, keep_length=True)
-            response = web.StreamResponse(status=conn.status, reason=reason, headers=headers)
+                empty = head_only or conn.status in (204, 304)
+                fields, has_date, _ = relayed_fields(conn.headers, keep_length=empty)
+                response = Relayed(
+                    conn.status,
+                    conn.reason,
+                    fields,
+                    has_date=has_date,
+                    length=None if empty else len(first),
+                    body=first,
+                )
+                scrape.count(conn.status)
+                await response.prepare(request)
+                return response
+            fields, has_date, length = relayed_fields(conn.headers, keep_length=False)
+            response = scrape.response = Relayed(
+                conn.status, conn.reason, fields, has_date=has_date, length=length
+            )
+            if length is None and request.version < (1, 1):
+                response.force_close()  # the body ends with the connection
             await response.prepare(request)
             if first:
                 await response.write(first)
@@ -235,76 +319,81 @@ async def _proxy(request: web.Request, metrics: ProxyMetrics) -> web.StreamRespo
                 await response.write(chunk)
     except PermissionError:
         detail = _permission_detail(endpoint.socket)
-        return _failure(metrics, "permission", name, name, "permission denied", detail)
+        return scrape.fail("permission", name, "permission denied", detail)
     except (UpstreamError, TimeoutError) as exc:
-        if conn is not None:
-            conn.abort()
         kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
         reason = exc.reason if isinstance(exc, UpstreamError) else "upstream deadline exceeded"
         metrics.upstream(name, time.perf_counter() - started)
-        if response is None:
-            return _failure(metrics, kind, name, name, f"upstream: {reason}", endpoint.socket)
+        if scrape.response is None:
+            return scrape.fail(kind, name, f"upstream: {reason}", endpoint.socket)
         # The status line is out: the only honest signal left is to break the connection.
-        metrics.error(name, kind)
-        metrics.request(name, response.status)
+        scrape.count(scrape.response.status, kind)
         log.warning("%s: aborted mid-response: %s (%s)", name, reason, endpoint.socket)
         _abort_client(request)
-        return response
-    except BaseException:
-        if conn is not None:
-            conn.abort()
-        raise
-    finally:
-        limits.leave(name)
-    pool.release(conn)
+        return scrape.response
     metrics.upstream(name, time.perf_counter() - started)
-    metrics.request(name, response.status)
+    scrape.count(response.status)
     return response
 
 
+def _unexpected(request: web.Request, scrape: _Scrape, exc: Exception) -> web.StreamResponse:
+    """The end of a scrape that raised what the proxy does not expect: answered 502 (or, with
+    the answer already begun, a broken connection), counted, logged with its traceback."""
+    transport = request.transport
+    response = scrape.response
+    if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+        # Writing to a scraper that hung up (a server without handler cancellation notices it
+        # here): nothing to answer, and nothing wrong with Aegis or the service.
+        if not scrape.counted:
+            scrape.count(CLIENT_CLOSED, "client_closed")
+        return response if response is not None else web.Response(status=CLIENT_CLOSED)
+    log.error("%s: internal error in the proxy", scrape.target or "?", exc_info=exc)
+    if response is not None and response.prepared:
+        if not scrape.counted:
+            scrape.count(response.status, "internal")
+        _abort_client(request)
+        return response
+    if scrape.counted:  # the answer was decided, then writing it failed: it is counted
+        _abort_client(request)
+        return web.Response(status=FAILURE_STATUS["internal"])
+    scrape.count(FAILURE_STATUS["internal"], "internal")
+    return web.Response(status=FAILURE_STATUS["internal"], text="internal error\n")
+
+
 def _request_head(request: web.Request, path: str) -> bytes:
+    """The upstream request, from the bytes the scraper sent: header values are never decoded,
+    so any byte the HTTP parser let through goes on as it came."""
     query = request.rel_url.raw_query_string
     target = f"{path}?{query}" if query else path
-    connection_named = frozenset(
-        token.strip().lower().encode("latin-1")
-        for value in request.headers.getall("Connection", ())
-        for token in value.split(",")
-    )
+    raw_headers = request.raw_headers
+    named = _HOP_BY_HOP_AUTHORIZATION if request.get(CREDENTIALS_CHECKED) else _HOP_BY_HOP
+    for header, value in raw_headers:
+        if header.lower() == b"connection":
+            named = named.union(token.strip().lower() for token in value.split(b","))
     host = b"localhost"
     forwarded_for: list[bytes] = []
-    parts = [f"{request.method} {target} HTTP/1.1\r\n".encode("latin-1")]
-    for header, value in request.raw_headers:
+    parts = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), _utf8(target))]
+    for header, value in raw_headers:
         lower = header.lower()
-        if lower in _HOP_BY_HOP or lower in connection_named:
+        if lower in named:
             if lower == b"host" and value:
                 host = value
             elif lower == b"x-forwarded-for":
                 forwarded_for.append(value)
             continue
-        parts.append(header + b": " + value + b"\r\n")
-    parts.append(b"Host: " + host + b"\r\n")
+        parts.append(b"%s: %s\r\n" % (header, value))
+    parts.append(b"Host: %s\r\n" % host)
     if request.remote:
-        forwarded_for.append(request.remote.encode("latin-1"))
+        forwarded_for.append(_utf8(request.remote))
     if forwarded_for:
-        parts.append(b"X-Forwarded-For: " + b", ".join(forwarded_for) + b"\r\n")
+        parts.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
     parts.append(b"\r\n")
     return b"".join(parts)
 
 
-def _response_headers(conn: Exchange, *, keep_length: bool) -> list[tuple[str, str]]:
-    headers = []
-    named: set[str] = set()  # headers the upstream's Connection header makes hop-by-hop
-    for header, value in conn.headers:
-        name = header.decode("latin-1")
-        lower = name.lower()
-        if lower in _HOP_BY_HOP_RESPONSE:
-            if lower == "connection":
-                named.update(token.strip().lower() for token in value.decode("latin-1").split(","))
-        elif lower != "content-length" or keep_length:
-            headers.append((name, value.decode("latin-1")))
-    if named:
-        headers = [(name, value) for name, value in headers if name.lower() not in named]
-    return headers
+def _utf8(text: str) -> bytes:
+    # aiohttp decodes the request line as UTF-8 with surrogate escapes: this gives the bytes back.
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _abort_client(request: web.Request) -> None:

@@ -208,6 +208,9 @@ def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Se
             access_log=None,
             shutdown_timeout=serving.shutdown_grace,
             keepalive_timeout=serving.idle_timeout,
+            # A scraper that hangs up cancels its handler, so the upstream exchange, its
+            # connection and its concurrency slot are given back at once.
+            handler_cancellation=True,
         )
         await runner.setup()
         assert runner.server is not None

@@ -5,22 +5,42 @@ conservative character set before it is joined to anything. Beyond that, the dir
 configuration: ``<sockdir>/<name>.sock`` exists and is a socket, or the name is unknown. A symlink
 in the directory may point at a socket elsewhere; that is how a service that keeps its socket in
 its own runtime directory is added.
+
+The directory itself can fail (missing, unreadable, not a directory, a symlink loop): then
+:class:`DirectoryUnavailable` says so, rather than every name looking unknown and the list empty.
+
+A Unix socket address holds at most 107 bytes of path (``sun_path``); the event loop refuses or
+silently truncates a longer one, and a truncated path can name a different socket. A longer
+socket path is opened with ``O_PATH`` and reached through ``/proc/self/fd/N``, which names
+exactly the inode that was checked.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SOCKET_SUFFIX = ".sock"
 MAX_NAME_LENGTH = 100
+#: The longest socket path connected to by name: ``sun_path`` is 108 bytes, Python wants a NUL in
+#: it, and uvloop cuts a longer path at 108 without a word.
+MAX_SOCKET_ADDRESS = 107
+# Descriptors kept open for long socket paths: one per such socket in use, bounded.
+_MAX_PINNED = 64
+# How old the directory's time stamps must be before a listing is reused on their word: well
+# past the file system clock's tick (a jiffy, up to 10 ms).
+_SETTLED_NS = 1_000_000_000
 # Leading character excludes hidden names, "." and "..", and "-" (reserved for /-/ paths).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _UPSTREAM_PATH = re.compile(r"/[\x21-\x7e]*")
+_MISSING = (errno.ENOENT, errno.ENOTDIR)
+_PROC_FD = "/proc/self/fd"
 
 
 class BadName(ValueError):
@@ -29,6 +49,16 @@ class BadName(ValueError):
 
 class NoSuchTarget(LookupError):
     """No socket is behind the name (answered 404)."""
+
+
+class DirectoryUnavailable(Exception):
+    """The socket directory cannot be read or searched: no name in it can be resolved or listed.
+
+    ``reason`` is one line for people, e.g. ``"/run/metrics: permission denied"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def check_name(name: str) -> str:
@@ -40,6 +70,43 @@ def check_name(name: str) -> str:
     if not _NAME.fullmatch(name):
         raise BadName("name must be letters, digits, '_', '-' or '.', not starting with '.' or '-'")
     return name
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why names in ``path`` cannot be listed and looked up, or None when they can: it must be a
+    directory this process may read (list) and search (stat the entries)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{path}: {_describe(exc)}"
+    try:
+        # A lookup relative to the directory needs its search (x) permission, as every name does.
+        os.stat(".", dir_fd=fd)
+    except OSError as exc:
+        return f"{path}: {_describe(exc)}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "does not exist"
+    if exc.errno == errno.ENOTDIR:
+        return "is not a directory"
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return (exc.strerror or str(exc)).lower()
+
+
+def fits_an_address(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` fits a socket address whole (else it is reached through /proc)."""
+    path = os.fspath(path)
+    if path.isascii():
+        return len(path) <= MAX_SOCKET_ADDRESS
+    return len(os.fsencode(path)) <= MAX_SOCKET_ADDRESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +126,8 @@ class Target:
             raise ValueError(
                 f"target {self.name!r}: socket path {str(self.socket)!r} is not absolute"
             )
+        if len(os.fsencode(self.socket)) >= os.pathconf("/", "PC_PATH_MAX"):
+            raise ValueError(f"target {self.name!r}: socket path longer than the system allows")
         if not _UPSTREAM_PATH.fullmatch(self.path):
             raise ValueError(
                 f"target {self.name!r}: path {self.path!r} must start with '/' and contain no "
@@ -66,36 +135,77 @@ class Target:
             )
 
 
+class _Pinned:
+    """An ``O_PATH`` descriptor of one socket file, closed once nothing refers to it: a request
+    that holds its endpoint can never see the number reused for another file."""
+
+    __slots__ = ("fd", "identity")
+
+    def __init__(self, fd: int, identity: tuple[int, int] | None) -> None:
+        self.fd = fd
+        self.identity = identity
+
+    @classmethod
+    def open(cls, path: str) -> _Pinned:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A resolved target, valid for one request."""
 
     name: str
+    #: The socket's path, for people (logs, errors).
     socket: str
     path: str
     #: (st_dev, st_ino) of the socket file: a service that restarts and replaces its socket file
     #: gets a new identity, so pooled connections to the old one are never reused for it.
     identity: tuple[int, int]
+    #: What to connect to: ``socket`` itself, or for a path too long for a socket address, a
+    #: ``/proc/self/fd`` name of that very file, valid while this endpoint exists.
+    address: str = ""
+    _pinned: _Pinned | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            object.__setattr__(self, "address", self.socket)
 
 
 class Targets:
     """Resolves names against the explicit targets first, then the socket directory."""
 
-    __slots__ = ("_explicit", "_sockdir")
+    __slots__ = ("_explicit", "_kinds", "_listing", "_pinned", "_sockdir")
 
     def __init__(self, sockdir: Path, explicit: Mapping[str, Target]) -> None:
         self._sockdir = sockdir
         self._explicit = explicit
+        self._pinned: dict[str, _Pinned] = {}
+        self._kinds: dict[str, tuple[int, bool]] = {}
+        self._listing: _Listing | None = None
 
     @property
     def sockdir(self) -> Path:
         return self._sockdir
 
+    @property
+    def explicit(self) -> Mapping[str, Target]:
+        return self._explicit
+
     def resolve(self, name: str) -> Endpoint:
         """The endpoint behind ``name``.
 
-        Raises :class:`BadName`, :class:`NoSuchTarget`, or :class:`PermissionError` when the
-        socket (or the directory holding it) exists but this process may not look at it.
+        Raises :class:`BadName`, :class:`NoSuchTarget`, :class:`DirectoryUnavailable` (a name in
+        the socket directory when the directory itself fails), or :class:`PermissionError` when
+        an explicit target's socket exists but this process may not look at it.
         """
         explicit = self._explicit.get(name)
         if explicit is not None:
@@ -106,29 +216,145 @@ class Targets:
             upstream_path = "/metrics"
         try:
             st = os.stat(socket_path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise NoSuchTarget(f"{socket_path}: no such socket") from None
+        except OSError as exc:
+            raise self._lookup_failure(exc, socket_path, in_directory=explicit is None) from None
         if not stat.S_ISSOCK(st.st_mode):
             raise NoSuchTarget(f"{socket_path}: not a socket")
-        return Endpoint(name, socket_path, upstream_path, (st.st_dev, st.st_ino))
+        identity = (st.st_dev, st.st_ino)
+        if fits_an_address(socket_path):
+            return Endpoint(name, socket_path, upstream_path, identity)
+        pinned = self._pin(socket_path, identity)
+        return Endpoint(
+            name, socket_path, upstream_path, identity, f"{_PROC_FD}/{pinned.fd}", pinned
+        )
+
+    def _lookup_failure(self, exc: OSError, socket_path: str, *, in_directory: bool) -> Exception:
+        if in_directory and (problem := directory_problem(self._sockdir)) is not None:
+            return DirectoryUnavailable(problem)
+        if isinstance(exc, PermissionError):
+            # An explicit socket's, or with the directory searchable, where an entry of it links
+            # to: a name that exists, so it may be a label. The handler explains file and group
+            # of where the links lead.
+            return PermissionError(exc.errno, exc.strerror, os.path.realpath(socket_path))
+        if exc.errno in _MISSING:
+            return NoSuchTarget(f"{socket_path}: no such socket")
+        return NoSuchTarget(f"{socket_path}: {_describe(exc)}")
+
+    def _pin(self, socket_path: str, identity: tuple[int, int]) -> _Pinned:
+        """A descriptor of the socket file ``identity`` names: the cached one while the path
+        still names that file, so pooled connections to it stay reusable."""
+        pinned = self._pinned.get(socket_path)
+        if pinned is None or pinned.identity != identity:
+            if not os.path.isdir(_PROC_FD):
+                raise NoSuchTarget(
+                    f"{socket_path}: longer than {MAX_SOCKET_ADDRESS} bytes, and {_PROC_FD} "
+                    "(mount /proc) is needed to reach it"
+                )
+            try:
+                pinned = _Pinned.open(socket_path)
+            except OSError as exc:
+                raise NoSuchTarget(f"{socket_path}: {_describe(exc)}") from None
+            if pinned.identity != identity:  # replaced between stat and open: ask again later
+                raise NoSuchTarget(f"{socket_path}: replaced while being looked up")
+            if len(self._pinned) >= _MAX_PINNED:
+                # Requests in flight keep their own reference: only the cache forgets it.
+                del self._pinned[next(iter(self._pinned))]
+            self._pinned[socket_path] = pinned
+        return pinned
 
     def names(self) -> list[str]:
-        """Every target name: explicit ones always, and each socket in the directory now."""
+        """Every target name: explicit ones always, and each socket in the directory now.
+
+        Raises :class:`DirectoryUnavailable` when the directory cannot be listed: an empty list
+        would tell service discovery that every target is gone."""
         found = set(self._explicit)
         found.update(self._scan())
         return sorted(found)
 
-    def _scan(self) -> Iterator[str]:
+    def count(self) -> int | None:
+        """How many targets exist now; None when the directory cannot be listed."""
         try:
-            entries = list(os.scandir(self._sockdir))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            return
-        for entry in entries:
-            name = entry.name.removesuffix(SOCKET_SUFFIX)
-            if name == entry.name or not _NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
-                continue
+            return len(self._explicit.keys() | self._scan())
+        except DirectoryUnavailable:
+            return None
+
+    def directory_problem(self) -> str | None:
+        return directory_problem(self._sockdir)
+
+    def _scan(self) -> set[str]:
+        try:
+            st = os.stat(self._sockdir)
+        except OSError as exc:
+            raise DirectoryUnavailable(f"{self._sockdir}: {_describe(exc)}") from None
+        # Any entry added, removed or renamed changes the directory's mtime, a chmod its ctime:
+        # while both stay, so does the listing. Except for a change in the same clock tick as
+        # the listing, so a listing is kept only once its time stamps are well in the past.
+        key = (st.st_dev, st.st_ino, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+        listing = self._listing
+        if listing is None or listing.key != key:
+            listing = self._list(key)
+            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
+            self._listing = listing if settled else None
+        found = set(listing.sockets)
+        for link in listing.links:  # what a link points at may change with no trace here
             try:
-                if stat.S_ISSOCK(os.stat(entry.path).st_mode):
-                    yield name
+                if stat.S_ISSOCK(os.stat(os.path.join(self._sockdir, link)).st_mode):
+                    found.add(link[: -len(SOCKET_SUFFIX)])
             except OSError:
-                continue
+                continue  # dangling, a loop, or into a directory this process may not search
+        return found
+
+    def _list(self, key: tuple[int, ...]) -> _Listing:
+        # What each plain entry was at the last listing, by inode: a file's type never changes,
+        # so only new entries cost a stat call. Rebuilt from the entries present, so names that
+        # are gone are forgotten.
+        known, self._kinds = self._kinds, {}
+        sockets: list[str] = []
+        links: list[str] = []
+        try:
+            with os.scandir(self._sockdir) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if (
+                        not name.endswith(SOCKET_SUFFIX)
+                        or len(name) > MAX_NAME_LENGTH + len(SOCKET_SUFFIX)
+                        or not _NAME.fullmatch(name, 0, len(name) - len(SOCKET_SUFFIX))
+                    ):
+                        continue
+                    if entry.is_symlink():
+                        links.append(name)
+                        continue
+                    inode = entry.inode()
+                    kind = known.get(name)
+                    if kind is not None and kind[0] == inode:
+                        is_socket = kind[1]
+                    else:
+                        is_socket = _is_plain_socket(entry)
+                    self._kinds[name] = (inode, is_socket)
+                    if is_socket:
+                        sockets.append(name[: -len(SOCKET_SUFFIX)])
+        except OSError as exc:
+            raise DirectoryUnavailable(f"{self._sockdir}: {_describe(exc)}") from None
+        return _Listing(key, frozenset(sockets), tuple(links))
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """The socket directory's entries, as of the directory's ``key`` (its identity and time
+    stamps): plain sockets by target name, and the symlinks (file names) to follow anew."""
+
+    key: tuple[int, ...]
+    sockets: frozenset[str]
+    links: tuple[str, ...]
+
+
+def _is_plain_socket(entry: os.DirEntry[str]) -> bool:
+    """Raises :class:`PermissionError` when the directory may be listed but not searched."""
+    # The directory says files and directories apart without a stat call; sockets and FIFOs
+    # share "neither", so those need one.
+    if entry.is_file() or entry.is_dir():
+        return False
+    try:
+        return stat.S_ISSOCK(entry.stat().st_mode)
+    except FileNotFoundError:
+        return False  # removed since the listing

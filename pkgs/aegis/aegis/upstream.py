@@ -5,6 +5,11 @@ half of a proxied scrape. This client does only what a scrape needs — send one
 the answer with llhttp (``httptools``), stream the body with back-pressure — and keeps idle
 keep-alive connections per socket *identity* (device and inode), so connections are never shared
 across sockets and a service that replaced its socket file gets fresh ones.
+
+Everything an upstream sends is bounded or refused: a response head (interim answers included)
+over :data:`MAX_HEAD` bytes, a status outside 100-599, a switch of protocol (101), and bytes
+that do not parse are each an :class:`UpstreamError`; bytes after a complete answer are never
+read as part of it (the connection is dropped instead of reused).
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import httptools
 # large the page, because the client side drains at its own pace.
 _HIGH_WATER = 64 * 1024
 _LOW_WATER = 16 * 1024
+#: Bytes of response head (status lines and header fields of the final answer and any interim
+#: ones) accepted from an upstream; also the most bytes it may send without the parser making
+#: progress (chunk extensions, trailers). A real exporter's head is a few hundred bytes.
+MAX_HEAD = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -32,8 +41,8 @@ class UpstreamError(Exception):
         self.reason = reason
 
 
-class _Stale(Exception):
-    """A reused idle connection turned out to be closed before the upstream said anything."""
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing: the exchange's outcome is already decided."""
 
 
 class Exchange(asyncio.Protocol):
@@ -58,8 +67,12 @@ class Exchange(asyncio.Protocol):
 
     def _reset_exchange(self) -> None:
         self.status = 0
-        self.reason = ""
+        self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        # Bytes received since the parser last produced something (a final head, body bytes):
+        # what an endless head, endless trailers or endless chunk extensions pile up.
+        self._unproductive = 0
+        self._head_size = 0
         self._active = False
         self._head_only = False
         self._head: asyncio.Future[None] | None = None
@@ -83,8 +96,10 @@ class Exchange(asyncio.Protocol):
         self._active = True
         self._head = loop.create_future()
         assert self.transport is not None
-        if self.transport.is_closing():
-            raise _Stale()
+        if self.closed or self.transport.is_closing():
+            if self.reused:
+                raise UpstreamError("stale", "reused connection closed")
+            raise UpstreamError("reset", "connection closed before an answer")
         self.transport.write(request_head)
         await self._head
         if self._error is not None:
@@ -98,7 +113,7 @@ class Exchange(asyncio.Protocol):
                 data = self._body.popleft() if len(self._body) == 1 else b"".join(self._body)
                 self._body.clear()
                 self._buffered = 0
-                if self._paused and self.transport is not None:
+                if self._paused and self.transport is not None and not self.closed:
                     self._paused = False
                     self.transport.resume_reading()
                 return data
@@ -149,12 +164,26 @@ class Exchange(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
+        self._unproductive += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # Usually a callback stopped the parser, having decided the outcome (then this is a
+            # no-op); anything else raised in a callback still ends the exchange.
+            self._fail(UpstreamError("protocol", f"upstream answer refused: {exc.__context__!r}"))
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("protocol", "upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            self._keep_alive = False
             self._fail(UpstreamError("protocol", f"invalid HTTP from upstream: {exc}"))
-            self.abort()
+        else:
+            if self._unproductive <= MAX_HEAD or self._complete:
+                return
+            what = "response head" if self.status == 0 else "chunk framing or trailers"
+            self._fail(UpstreamError("too_large", f"{what} over {MAX_HEAD} bytes"))
+        # Whatever the answer came to, this connection is done: an error, or bytes after a
+        # complete answer (they belong to no request; reused, they would answer the next one).
+        self._keep_alive = False
+        self.abort()
 
     def eof_received(self) -> bool:
         return False
@@ -180,18 +209,32 @@ class Exchange(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _Stop  # a second answer to one request: never merged into the first
+
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        self.reason = status
+        self._head_size += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # trailer fields after a chunked body: nothing a scrape relays
         self.headers.append((name, value))
+        self._head_size += len(name) + len(value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
-            # An interim answer (e.g. 103 Early Hints); the real one follows.
+        if status == 101 or not 100 <= status < 600:
+            self._stop(UpstreamError("protocol", f"upstream answered with status {status:03d}"))
+        if self._head_size > MAX_HEAD:
+            self._stop(UpstreamError("too_large", f"response head over {MAX_HEAD} bytes"))
+        if status < 200:
+            # An interim answer (e.g. 103 Early Hints); the real one follows. Its bytes still
+            # count towards the head's bound, so endless interim answers are refused too.
             self.headers = []
             return
+        self._unproductive = 0
         self.status = status
         self._framed = status in (204, 304) or any(
             n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
@@ -207,6 +250,7 @@ class Exchange(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._complete:
             return
+        self._unproductive = 0
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -222,6 +266,10 @@ class Exchange(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
 
+    def _stop(self, error: UpstreamError) -> None:
+        self._fail(error)
+        raise _Stop
+
 
 class UpstreamPool:
     """Idle keep-alive connections, per socket identity; one pool per application."""
@@ -234,21 +282,26 @@ class UpstreamPool:
     async def send(
         self, socket: str, identity: tuple[int, int], request_head: bytes, *, head_only: bool
     ) -> Exchange:
-        """Send a request to the socket and return the exchange once its response head arrived."""
+        """Send a request to the socket and return the exchange once its response head arrived.
+
+        On any failure or cancellation the connection is aborted here, so the caller owns a
+        connection only once this returns. An idle connection the service closed as it was
+        picked up is retried once, on a fresh connection.
+        """
         conn = self._take_idle(socket, identity)
         if conn is not None:
             try:
                 await conn.start(request_head, head_only=head_only)
                 return conn
-            except _Stale:
-                pass
             except UpstreamError as exc:
+                conn.abort()
                 if exc.kind != "stale":
-                    conn.abort()
                     raise
-            conn.abort()
-            # The service closed the idle connection as we picked it up (it restarted, or its
-            # keep-alive timer ran out); a GET is safe to send again on a fresh connection.
+                # The service closed it (it restarted, or its keep-alive timer ran out): a GET
+                # is safe to send again.
+            except BaseException:
+                conn.abort()
+                raise
         conn = await self._connect(socket, identity)
         try:
             await conn.start(request_head, head_only=head_only)

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import bcrypt
 from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler, Middleware
-from multidict import CIMultiDict
 
+from .proxy import CREDENTIALS_CHECKED
 from .webconfig import RateLimit, WebConfig
 
 __all__ = ["setup_web_config"]
@@ -92,10 +92,9 @@ class _BasicAuth:
             return web.Response(
                 status=401, text="Unauthorized", headers={"WWW-Authenticate": "Basic"}
             )
-        # Aegis' own credentials must never reach an upstream.
-        headers = CIMultiDict(request.headers)
-        headers.popall("Authorization")
-        return await handler(request.clone(headers=headers))
+        # Aegis' own credentials must never reach an upstream: the proxy leaves them out.
+        request[CREDENTIALS_CHECKED] = True
+        return await handler(request)
 
 
 def _san_check(allowed: frozenset[str]) -> Middleware:
