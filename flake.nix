@@ -86,8 +86,10 @@
                   ps.trustme
                 ]
               ))
-              # prometheus and promtool, for the end-to-end tests
+              # prometheus and promtool (in prometheus' cli output), for the
+              # end-to-end tests
               pkgs.prometheus
+              pkgs.prometheus.cli
               pkgs.ruff
             ];
           };

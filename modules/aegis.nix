@@ -26,7 +26,24 @@ let
   # Aegis reaches every socket it serves; the sandbox below must not hide any
   # of them.
   socketPaths = [ "${cfg.sockdir}/" ] ++ targetSockets;
-  anyUnder = dirs: lib.any (path: lib.any (dir: lib.hasPrefix dir path) dirs) socketPaths;
+  under = dirs: path: lib.any (dir: lib.hasPrefix dir path) dirs;
+  anyUnder = dirs: lib.any (under dirs) socketPaths;
+
+  # The directories the sandbox below hides or replaces.
+  tmpDirs = [
+    "/tmp/"
+    "/var/tmp/"
+  ];
+  homeDirs = [
+    "/home/"
+    "/root/"
+    "/run/user/"
+  ];
+
+  # A path literal is copied into the Nix store, which the sandbox leaves
+  # visible; only a string names a file where it is.
+  webConfigHidden =
+    builtins.isString cfg.webConfigFile && under (tmpDirs ++ homeDirs) cfg.webConfigFile;
 
   targetFlag =
     name: target:
@@ -125,6 +142,12 @@ in
         and basic authentication. It is read by user `aegis` at start. A
         path literal is copied into the world-readable Nix store; give a
         string for a file that holds private keys.
+
+        The service has a private {file}`/tmp` and no {file}`/home`,
+        {file}`/root` or {file}`/run/user`, so a string under one of those is
+        refused; the certificate and key files the configuration names must
+        be outside them too, such as under {file}`/run/secrets` or
+        {file}`/etc`.
       '';
     };
 
@@ -141,8 +164,10 @@ in
         Extra command-line arguments for `aegis`, one list element each.
         A `unix:` listen address can be placed in {file}`/run/aegis`, the one
         directory the service may write to, as in
-        `[ "--web.listen-address" "unix:/run/aegis/aegis.sock" ]`; with the
-        service's `UMask` of `0077`, only user `aegis` can connect to it.
+        `[ "--web.listen-address" "unix:/run/aegis/aegis.sock" ]`. Aegis
+        creates that socket with mode `0660`, owned by `aegis:within`, and the
+        directory is `0750 aegis:within`: root and members of group `within`
+        can connect to it, nobody else can.
       '';
     };
   };
@@ -155,6 +180,14 @@ in
           within.services.aegis.hostport is "${cfg.hostport}", which Aegis cannot listen on.
           It must be host:port or [ipv6]:port with a port from 1 to 65535,
           such as "127.0.0.1:31337", "[::1]:31337" or "[::]:31337".
+        '';
+      }
+      {
+        assertion = !webConfigHidden;
+        message = ''
+          within.services.aegis.webConfigFile is "${toString cfg.webConfigFile}",
+          which the service cannot read: it runs with a private /tmp and without /home, /root and /run/user.
+          Put the file, and the certificate and key files it names, elsewhere, such as under /run/secrets or /etc.
         '';
       }
     ];
@@ -209,8 +242,14 @@ in
         Restart = "on-failure";
         RestartSec = "30s";
         WorkingDirectory = "/srv/within/aegis";
-        # The one writable place, for a unix: listen address.
+        # The one writable place, for a unix: listen address. Aegis makes
+        # such a socket 0660 aegis:within, so group within may enter too.
         RuntimeDirectory = "aegis";
+        RuntimeDirectoryMode = "0750";
+        # Each scrape holds a client and an upstream connection; systemd's
+        # default soft limit of 1024 descriptors would cap Aegis near 500
+        # scrapes in flight per worker.
+        LimitNOFILE = 65536;
 
         # Hardening
         AmbientCapabilities = lib.mkIf bindsPrivilegedPort [ "CAP_NET_BIND_SERVICE" ];
@@ -221,25 +260,12 @@ in
         NoNewPrivileges = true;
         PrivateDevices = true;
         # A socket under /tmp or /var/tmp would be hidden by a private /tmp.
-        PrivateTmp = !(anyUnder [
-          "/tmp/"
-          "/var/tmp/"
-        ]);
+        PrivateTmp = !(anyUnder tmpDirs);
         ProtectClock = true;
         ProtectControlGroups = true;
         # Connecting to a socket works on a read-only mount, but not on a
         # hidden one.
-        ProtectHome =
-          if
-            anyUnder [
-              "/home/"
-              "/root/"
-              "/run/user/"
-            ]
-          then
-            "read-only"
-          else
-            true;
+        ProtectHome = if anyUnder homeDirs then "read-only" else true;
         ProtectHostname = true;
         ProtectKernelLogs = true;
         ProtectKernelModules = true;

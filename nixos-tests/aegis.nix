@@ -15,6 +15,23 @@ let
   listenSocket = "/run/aegis/aegis.sock";
 
   port = 31337;
+
+  # TLS and basic auth, as in the nspawn test (tests/test_systemd.py). The
+  # certificate is its own CA, for host "server" (Prometheus) and "localhost"
+  # (the unix: listener); its key is a throwaway in the world-readable store.
+  certsFor =
+    pkgs:
+    pkgs.runCommand "aegis-test-certs" { nativeBuildInputs = [ pkgs.openssl ]; } ''
+      mkdir $out
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+        -subj /CN=server -addext subjectAltName=DNS:server,DNS:localhost \
+        -keyout $out/server.key -out $out/server.crt
+    '';
+  caFile = "/etc/aegis/ca.crt";
+  scrapeUser = "prometheus";
+  scrapePassword = "scrape-secret";
+  # bcrypt of scrapePassword (cost 10).
+  scrapeHash = "$2b$10$l9VbctOmhte2OeRM2GWA4.F8/kbUEpiyzSTmfv1FtfkGJ6.udUSDK";
 in
 {
   name = "aegis";
@@ -23,6 +40,14 @@ in
     server =
       { aegisFlake, pkgs, ... }:
       let
+        certs = certsFor pkgs;
+        webConfig = pkgs.writeText "aegis-web.yml" ''
+          tls_server_config:
+            cert_file: ${certs}/server.crt
+            key_file: ${certs}/server.key
+          basic_auth_users:
+            ${scrapeUser}: '${scrapeHash}'
+        '';
         fakeExporter =
           {
             socket,
@@ -43,6 +68,8 @@ in
       {
         imports = [ aegisFlake.nixosModules.default ];
 
+        environment.etc."aegis/ca.crt".source = "${certs}/server.crt";
+
         within.services.aegis = {
           enable = true;
           hostport = "0.0.0.0:${toString port}";
@@ -51,7 +78,10 @@ in
             socket = elsewhereSocket;
             path = elsewherePath;
           };
+          webConfigFile = "${webConfig}";
           extraFlags = [
+            "--workers"
+            "2"
             "--web.listen-address"
             "unix:${listenSocket}"
           ];
@@ -93,35 +123,60 @@ in
 
     prometheus =
       { pkgs, ... }:
+      let
+        certs = certsFor pkgs;
+        tlsAndAuth = {
+          tls_config.ca_file = "${certs}/server.crt";
+          basic_auth = {
+            username = scrapeUser;
+            password = scrapePassword;
+          };
+        };
+      in
       {
         environment.systemPackages = [ pkgs.jq ];
+        environment.etc."aegis/ca.crt".source = "${certs}/server.crt";
 
         services.prometheus = {
           enable = true;
           globalConfig.scrape_interval = "2s";
           scrapeConfigs = [
-            {
+            (tlsAndAuth
+            // {
               job_name = "aegis-static";
+              scheme = "https";
               static_configs = [
+                # Prometheus drops __metrics_path__ after relabelling, so
+                # without a label of their own both groups would write the
+                # same up{instance="server:31337"} series.
                 {
                   targets = [ "server:${toString port}" ];
-                  labels.__metrics_path__ = "/local";
+                  labels = {
+                    __metrics_path__ = "/local";
+                    socket = "local";
+                  };
                 }
                 {
                   targets = [ "server:${toString port}" ];
-                  labels.__metrics_path__ = "/elsewhere";
+                  labels = {
+                    __metrics_path__ = "/elsewhere";
+                    socket = "elsewhere";
+                  };
                 }
               ];
-            }
-            {
+            })
+            (tlsAndAuth
+            // {
               job_name = "aegis-sd";
+              scheme = "https";
               http_sd_configs = [
-                {
-                  url = "http://server:${toString port}/-/sd";
+                (tlsAndAuth
+                // {
+                  url = "https://server:${toString port}/-/sd";
                   refresh_interval = "2s";
-                }
+                })
               ];
-            }
+            })
           ];
         };
       };
@@ -130,10 +185,13 @@ in
   testScript = ''
     import json
 
-    url = "http://server:${toString port}"
+    url = "https://server:${toString port}"
+    # Every listener serves TLS with basic auth: curl trusts the test's CA and logs in.
+    curl = "curl --cacert ${caFile} -u ${scrapeUser}:${scrapePassword}"
 
-    def status(path):
-        return prometheus.succeed(f"curl -s -o /dev/null -w '%{{http_code}}' {url}{path}").strip()
+    def status(path, login=True):
+        client = curl if login else "curl --cacert ${caFile}"
+        return prometheus.succeed(f"{client} -s -o /dev/null -w '%{{http_code}}' {url}{path}").strip()
 
     def prometheus_value(query):
         """The value of a one-sample PromQL query, or None."""
@@ -162,37 +220,40 @@ in
         )
 
     with subtest("a socket in the socket directory is served under its name"):
-        prometheus.succeed(f"curl -sSf {url}/local | grep -F 'aegis_fake_up{{source=\"local\"}} 1'")
+        prometheus.succeed(f"{curl} -sSf {url}/local | grep -F 'aegis_fake_up{{source=\"local\"}} 1'")
 
     with subtest("an explicit target outside the socket directory is served under its name"):
-        prometheus.succeed(f"curl -sSf {url}/elsewhere | grep -F 'aegis_fake_up{{source=\"elsewhere\"}} 1'")
+        prometheus.succeed(f"{curl} -sSf {url}/elsewhere | grep -F 'aegis_fake_up{{source=\"elsewhere\"}} 1'")
 
     with subtest("an unknown name is a 404"):
         assert status("/nope") == "404", "an unknown name must be a 404"
+
+    with subtest("a scrape without credentials is a 401"):
+        assert status("/local", login=False) == "401", "a scrape without credentials must be a 401"
 
     with subtest("a socket that appears later is served, and is a 404 again once it is gone"):
         assert status("/late") == "404"
         server.systemctl("start fake-late.service")
         server.wait_for_open_unix_socket("${lateSocket}")
-        prometheus.wait_until_succeeds(f"curl -sSf {url}/late | grep -F 'source=\"late\"'")
+        prometheus.wait_until_succeeds(f"{curl} -sSf {url}/late | grep -F 'source=\"late\"'")
         server.systemctl("stop fake-late.service")
         server.wait_until_fails("test -e ${lateSocket}")
-        prometheus.wait_until_succeeds(f"test \"$(curl -s -o /dev/null -w '%{{http_code}}' {url}/late)\" = 404")
+        prometheus.wait_until_succeeds(f"test \"$({curl} -s -o /dev/null -w '%{{http_code}}' {url}/late)\" = 404")
         server.systemctl("start fake-late.service")
         server.wait_for_open_unix_socket("${lateSocket}")
 
     with subtest("aegis answers its own health, readiness and metrics endpoints"):
-        prometheus.succeed(f"curl -sSf {url}/-/healthy")
-        prometheus.succeed(f"curl -sSf {url}/-/ready")
-        prometheus.succeed(f"curl -sSf {url}/-/metrics | grep '^aegis_'")
+        prometheus.succeed(f"{curl} -sSf {url}/-/healthy")
+        prometheus.succeed(f"{curl} -sSf {url}/-/ready")
+        prometheus.succeed(f"{curl} -sSf {url}/-/metrics | grep '^aegis_'")
 
     with subtest("aegis also listens on its unix: listen address"):
-        server.succeed("curl -sSf --unix-socket ${listenSocket} http://localhost/-/healthy")
-        server.succeed("curl -sSf --unix-socket ${listenSocket} http://localhost/local | grep -F 'source=\"local\"'")
+        server.succeed(f"{curl} -sSf --unix-socket ${listenSocket} https://localhost/-/healthy")
+        server.succeed(f"{curl} -sSf --unix-socket ${listenSocket} https://localhost/local | grep -F 'source=\"local\"'")
 
     with subtest("service discovery lists every socket with its metrics path"):
         paths = prometheus.succeed(
-            f"curl -sSf {url}/-/sd | jq -r '.[].labels.__metrics_path__' | sort"
+            f"{curl} -sSf {url}/-/sd | jq -r '.[].labels.__metrics_path__' | sort"
         ).split()
         assert paths == ["/elsewhere", "/late", "/local"], f"unexpected /-/sd paths: {paths}"
 
@@ -214,6 +275,38 @@ in
     with subtest("users outside group within cannot reach the sockets"):
         server.fail("runuser -u nobody -- ls ${sockdir}")
         server.fail("runuser -u nobody -- curl -sSf --unix-socket ${localSocket} http://localhost/metrics")
+        server.fail(f"runuser -u nobody -- {curl} -sSf --unix-socket ${listenSocket} https://localhost/-/healthy")
+
+    with subtest("the unix: listener is 0660 aegis:within in a 0750 directory, open to group within"):
+        modes = server.succeed("stat -c '%U:%G %a' /run/aegis ${listenSocket}").split()
+        assert modes == ["aegis:within", "750", "aegis:within", "660"], f"unexpected modes: {modes}"
+        server.succeed(f"runuser -u fake-exporter -- {curl} -sSf --unix-socket ${listenSocket} https://localhost/-/healthy")
+
+    with subtest("aegis runs as aegis with two workers on uvloop"):
+        main = server.succeed("systemctl show -P MainPID aegis.service").strip()
+        assert server.succeed(f"stat -c %U:%G /proc/{main}").strip() == "aegis:within"
+        workers = server.succeed(f"ps -o pid= --ppid {main}").split()
+        assert len(workers) == 2, f"expected two workers, not {workers}"
+        for worker in workers:
+            server.succeed(f"grep -qF /uvloop/loop. /proc/{worker}/maps")
+
+    with subtest("a killed aegis is restarted after RestartSec"):
+        main = server.succeed("systemctl show -P MainPID aegis.service").strip()
+        server.succeed(f"kill -9 {main}")
+        # Waiting out RestartSec (30 s) before it starts again.
+        server.wait_until_succeeds("test \"$(systemctl show -P SubState aegis.service)\" = auto-restart", timeout=20)
+        server.wait_until_succeeds("test \"$(systemctl show -P NRestarts aegis.service)\" = 1", timeout=90)
+        server.wait_for_unit("aegis.service")
+        assert server.succeed("systemctl show -P MainPID aegis.service").strip() != main
+        prometheus.wait_until_succeeds(f"{curl} -sSf {url}/local | grep -F 'source=\"local\"'")
+
+    with subtest("stopping aegis leaves it inactive, not failed"):
+        server.systemctl("stop aegis.service")
+        server.succeed("test \"$(systemctl show -P ActiveState aegis.service)\" = inactive")
+        server.succeed("test \"$(systemctl show -P Result aegis.service)\" = success")
+        prometheus.fail(f"{curl} -sS {url}/-/healthy")
+        server.systemctl("start aegis.service")
+        server.wait_for_open_port(${toString port})
 
     server.log(server.succeed("systemd-analyze security aegis.service | grep -v '✓'"))
   '';

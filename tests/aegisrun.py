@@ -11,6 +11,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,17 +19,26 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-AEGIS = shutil.which("aegis")
+
+def _installed_aegis() -> str | None:
+    """The ``aegis`` installed with the interpreter running the tests (a virtualenv's, whose bin
+    may not be on PATH), else the one on PATH (the Nix build puts the package's bin there)."""
+    beside = Path(sys.executable).parent / "aegis"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("aegis")
+
+
+AEGIS = _installed_aegis()
 needs_aegis = pytest.mark.skipif(
-    AEGIS is None, reason="the aegis executable is not on PATH (pip install -e './pkgs/aegis')"
+    AEGIS is None, reason="the aegis executable is not installed (pip install -e './pkgs/aegis')"
 )
-# The installed command may be an editable install of another checkout: run this one's code.
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "pkgs" / "aegis"
 
 
 def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a child: it runs the installed package as installed, never a
+    source tree put on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_DIR), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 

@@ -9,13 +9,18 @@ Nothing here builds with Nix. What runs:
 - the ExecStart it evaluates to, split as systemd splits it, starts the
   installed aegis, which then serves a real Unix-socket exporter;
 - pkgs/aegis/default.nix, called with stub arguments, has a source that holds
-  the Python project and the tests and nothing else;
+  the Python project, the tests and README.md, and nothing else;
+- the build's check phase, rehearsed: its pytest command on a read-only copy of
+  exactly the files that source selects, as an unprivileged user with
+  HOME=/homeless-shelter, no network and only the installed package (root);
+- the suite collects with --import-mode=importlib, as newer pytestCheckHooks run it;
 - the VM test's script is valid Python.
 
 Needs nix-instantiate (Debian: nix-bin) and, for everything but parsing, a
-nixpkgs lib: AEGIS_NIXPKGS_LIB names the directory holding lib/default.nix
-(a checkout of nixpkgs or nixpkgs.lib, or its lib/ directory). Each check
-skips, saying why, when what it needs is missing.
+nixpkgs lib: ../shared/nixpkgs-lib/lib next to the repository, or the
+directory AEGIS_NIXPKGS_LIB names instead (a checkout of nixpkgs or
+nixpkgs.lib, or its lib/ directory). Each check skips, saying why, when what
+it needs is missing.
 """
 
 from __future__ import annotations
@@ -23,26 +28,35 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aegisrun import free_port
+from aegisrun import AEGIS, free_port
+from nixeval import (
+    NIX_INSTANTIATE,
+    REPO,
+    NixError,
+    eval_module,
+    find_nixpkgs_lib,
+    nix,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-EVAL_MODULE = REPO / "tests" / "nix" / "eval-module.nix"
+import aegis
+
 EVAL_FLAKE = REPO / "tests" / "nix" / "eval-flake.nix"
 FAKE_EXPORTER = REPO / "nixos-tests" / "fake_exporter.py"
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
-
 needs_nix = pytest.mark.skipif(
     NIX_INSTANTIATE is None,
     reason="nix-instantiate is not installed (Debian package nix-bin)",
@@ -64,55 +78,12 @@ def tracked_nix_files() -> list[str]:
     return sorted(name for name in out.decode().split("\0") if name)
 
 
-def nix(*args: str) -> str:
-    assert NIX_INSTANTIATE is not None
-    result = subprocess.run(
-        [NIX_INSTANTIATE, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise NixError(result.stderr)
-    return result.stdout
-
-
-class NixError(Exception):
-    pass
-
-
 @pytest.fixture(scope="session")
 def nixpkgs_lib() -> Path:
-    if NIX_INSTANTIATE is None:
-        pytest.skip("nix-instantiate is not installed (Debian package nix-bin)")
-    value = os.environ.get("AEGIS_NIXPKGS_LIB")
-    if not value:
-        pytest.skip("AEGIS_NIXPKGS_LIB is not set to a nixpkgs lib directory")
-    for candidate in (Path(value), Path(value) / "lib"):
-        if (candidate / "default.nix").is_file() and (candidate / "modules.nix").is_file():
-            return candidate.resolve()
-    pytest.skip(f"AEGIS_NIXPKGS_LIB={value} holds no nixpkgs lib/default.nix")
-
-
-def eval_module(lib: Path, settings: dict[str, Any], prefix: str = "/aegis-stub") -> Any:
-    out = nix(
-        "--eval",
-        "--strict",
-        "--json",
-        str(EVAL_MODULE),
-        "--argstr",
-        "nixpkgsLib",
-        str(lib),
-        "--argstr",
-        "settings",
-        json.dumps(settings),
-        "--argstr",
-        "aegisPrefix",
-        prefix,
-    )
-    return json.loads(out)
+    found = find_nixpkgs_lib()
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
 
 
 def systemd_words(line: str) -> list[str]:
@@ -240,6 +211,14 @@ def test_service_runs_as_aegis_in_group_within(nixpkgs_lib: Path) -> None:
     assert config["Restart"] == "on-failure"
     assert config["RestartSec"] == "30s"
     assert config["WorkingDirectory"] == "/srv/within/aegis"
+    # Each scrape holds two descriptors: systemd's soft limit of 1024 is too low.
+    assert config["LimitNOFILE"] == 65536
+
+
+def test_runtime_directory_lets_group_within_reach_a_unix_listener(nixpkgs_lib: Path) -> None:
+    config = eval_module(nixpkgs_lib, {})["service"]["serviceConfig"]
+    assert config["RuntimeDirectory"] == "aegis"
+    assert config["RuntimeDirectoryMode"] == "0750"
 
 
 def test_user_and_group_are_declared(nixpkgs_lib: Path) -> None:
@@ -295,6 +274,27 @@ def test_targets_under_tmp_or_home_stay_visible(nixpkgs_lib: Path) -> None:
     config = eval_module(nixpkgs_lib, settings)["service"]["serviceConfig"]
     assert config["PrivateTmp"] is False
     assert config["ProtectHome"] == "read-only"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tmp/web.yml",
+        "/var/tmp/aegis/web.yml",
+        "/home/alice/web.yml",
+        "/root/web.yml",
+        "/run/user/1000/web.yml",
+    ],
+)
+def test_a_web_config_file_the_sandbox_hides_is_refused(nixpkgs_lib: Path, path: str) -> None:
+    [message] = eval_module(nixpkgs_lib, {"webConfigFile": path})["failedAssertions"]
+    assert f'within.services.aegis.webConfigFile is "{path}"' in message
+    assert "private /tmp and without /home, /root and /run/user" in message
+
+
+@pytest.mark.parametrize("path", ["/run/secrets/web.yml", "/etc/aegis/web.yml", "/srv/tmp/web.yml"])
+def test_a_web_config_file_the_sandbox_shows_is_accepted(nixpkgs_lib: Path, path: str) -> None:
+    assert eval_module(nixpkgs_lib, {"webConfigFile": path})["failedAssertions"] == []
 
 
 def test_a_privileged_port_gets_only_net_bind_service(nixpkgs_lib: Path) -> None:
@@ -476,7 +476,7 @@ def fake_exporters(tmp_path: Path) -> Iterator[dict[str, Path]]:
 def test_evaluated_exec_start_serves_the_sockets(
     nixpkgs_lib: Path, tmp_path: Path, fake_exporters: dict[str, Path]
 ) -> None:
-    installed = shutil.which("aegis")
+    installed = AEGIS
     if installed is None:
         pytest.skip("aegis is not installed on PATH")
     # The stub package's bin/aegis is the installed program, so the module's
@@ -546,7 +546,10 @@ let
   lib = importWithReadFileType nixpkgsLib;
 
   package = import (root + "/pkgs/aegis/default.nix");
-  stubs = lib.mapAttrs (name: _: name) (builtins.functionArgs package);
+  stubs = lib.mapAttrs (name: _: name) (builtins.functionArgs package) // {
+    # A derivation with outputs: its name as itself, "prometheus.cli" as cli.
+    prometheus = { outPath = "prometheus"; cli = "prometheus.cli"; };
+  };
   drv = package (stubs // {
     inherit lib;
     buildPythonPackage = attrs: attrs;
@@ -567,27 +570,11 @@ in {
 """
 
 
-def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path: Path) -> None:
-    root = tmp_path / "repo"
-    for name, text in {
-        "pkgs/aegis/default.nix": (REPO / "pkgs/aegis/default.nix").read_text(),
-        "pkgs/aegis/pyproject.toml": '[project]\nname = "aegis"\nversion = "1.2.3"\n',
-        "pkgs/aegis/aegis/__init__.py": "",
-        "tests/pytest.ini": "[pytest]\n",
-        "tests/conftest.py": "",
-        "tests/test_proxy.py": "",
-        "tests/test_nix.py": "",
-        "tests/nix/eval-module.nix": "{ }",
-        "modules/aegis.nix": "{ }",
-        "flake.nix": "{ }",
-        "README.md": "",
-    }.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
+def probe_package(nixpkgs_lib: Path, root: Path, tmp_path: Path) -> Any:
+    """default.nix called on the repository at ``root``: its attributes and src's files."""
     probe = tmp_path / "probe.nix"
     probe.write_text(PACKAGE_PROBE)
-
-    drv = json.loads(
+    return json.loads(
         nix(
             "--eval",
             "--strict",
@@ -602,7 +589,34 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         )
     )
 
+
+def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    for name, text in {
+        "pkgs/aegis/default.nix": (REPO / "pkgs/aegis/default.nix").read_text(),
+        "pkgs/aegis/pyproject.toml": '[project]\nname = "aegis"\nversion = "1.2.3"\n',
+        "pkgs/aegis/aegis/__init__.py": "",
+        "tests/pytest.ini": "[pytest]\n",
+        "tests/conftest.py": "",
+        "tests/test_proxy.py": "",
+        "tests/test_nix.py": "",
+        "tests/test_systemd.py": "",
+        "tests/nix/eval-module.nix": "{ }",
+        "modules/aegis.nix": "{ }",
+        "flake.nix": "{ }",
+        "README.md": "",
+        ".ci/run": "",
+        ".gitignore": "",
+        ".ci/other": "",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    drv = probe_package(nixpkgs_lib, root, tmp_path)
+
     assert sorted(drv.pop("files")) == [
+        ".ci/run",
+        ".gitignore",
+        "README.md",
         "pkgs/aegis/aegis/__init__.py",
         "pkgs/aegis/pyproject.toml",
         "tests/conftest.py",
@@ -627,6 +641,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "nativeCheckInputs": [
             "hypothesis",
             "prometheus",
+            "prometheus.cli",
             "pytest-aiohttp",
             "pytestCheckHook",
             "trustme",
@@ -637,6 +652,192 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "mainProgram": "aegis",
         "license": "MIT",
     }
+
+
+# --- the Nix build's check phase, rehearsed ----------------------------------------------------
+
+NOBODY = 65534
+UNSHARE = shutil.which("unshare")
+SETPRIV = shutil.which("setpriv")
+IP = shutil.which("ip")
+
+
+def tracked_files() -> list[str]:
+    """What a flake's source holds: the files git tracks (as they are in the work tree)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached"], cwd=REPO, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: a flake's source is the files git tracks")
+    return [name for name in out.decode().split("\0") if name and (REPO / name).is_file()]
+
+
+def copy_files(names: list[str], dest: Path) -> None:
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+
+
+def make_read_only(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        path.chmod(0o555 if path.is_dir() else 0o444 | (path.stat().st_mode & 0o111))
+    root.chmod(0o555)
+
+
+def hidden_ancestor(path: Path) -> Path | None:
+    """The first directory above ``path`` that other users cannot enter (such as /root)."""
+    for parent in reversed(path.parents):
+        if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+def exposing(paths: list[Path], hold: Path) -> list[str]:
+    """Shell lines, for a private mount namespace, that leave each of ``paths`` where it is
+    but replace a closed directory above it (such as /root) with an open tmpfs holding only
+    those paths: the installed interpreter and packages, as a build sandbox's store holds them."""
+    lines = []
+    by_ancestor: dict[Path, list[Path]] = {}
+    for path in dict.fromkeys(paths):
+        if (ancestor := hidden_ancestor(path)) is not None:
+            by_ancestor.setdefault(ancestor, []).append(path)
+    for n, (ancestor, inside) in enumerate(by_ancestor.items()):
+        held = [hold / f"{n}-{i}" for i in range(len(inside))]
+        for path, spot in zip(inside, held, strict=True):
+            spot.mkdir()
+            lines.append(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(spot))}")
+        lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(ancestor))}")
+        for path, spot in zip(inside, held, strict=True):
+            lines.append(f"mkdir -p {shlex.quote(str(path))}")
+            lines.append(f"mount --move {shlex.quote(str(spot))} {shlex.quote(str(path))}")
+    return lines
+
+
+def private_tmp(keep: Path) -> list[str]:
+    """Shell lines that give the namespace an empty /tmp of its own, as the build has, with
+    ``keep`` (under the host's /tmp) still in place; /mnt holds it meanwhile."""
+    quoted = shlex.quote(str(keep))
+    return [
+        f"mount --bind {quoted} /mnt",
+        "mount -t tmpfs -o mode=1777 tmpfs /tmp",
+        f"mkdir -p {quoted}",
+        f"mount --move /mnt {quoted}",
+    ]
+
+
+@dataclass
+class Sandbox:
+    """Like the Nix build's: an unprivileged user, no network but loopback, a HOME that does
+    not exist, and nothing of the host's but what the interpreter needs."""
+
+    setup: list[str]
+    env: dict[str, str]
+
+    def run(self, argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+        assert UNSHARE is not None
+        assert SETPRIV is not None
+        assert IP is not None
+        script = "\n".join(
+            [
+                "set -e",
+                *self.setup,
+                f"{IP} link set lo up",
+                f"cd {shlex.quote(str(cwd))}",
+                f'exec {SETPRIV} --reuid={NOBODY} --regid={NOBODY} --clear-groups -- env -i "$@"',
+            ]
+        )
+        command = [f"{key}={value}" for key, value in self.env.items()] + argv
+        return subprocess.run(
+            [UNSHARE, "--mount", "--net", "--", "sh", "-c", script, "sh", *command],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+
+
+@pytest.fixture
+def build_dir() -> Iterator[Path]:
+    """A directory the unprivileged user can enter (tmp_path's parents are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="aegis-check-phase-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for sub in path.rglob("*"):
+            if sub.is_dir() and not sub.is_symlink():
+                sub.chmod(0o755)
+        shutil.rmtree(path)
+
+
+def test_the_check_phase_passes_on_exactly_the_packaged_files(
+    nixpkgs_lib: Path, tmp_path: Path, build_dir: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching to an unprivileged user in a private namespace needs root")
+    for tool, name in ((UNSHARE, "unshare"), (SETPRIV, "setpriv"), (IP, "ip")):
+        if tool is None:
+            pytest.skip(f"{name} is not installed (util-linux, iproute2)")
+    if not Path("/mnt").is_dir():
+        pytest.skip("no /mnt to hold the copy while /tmp is replaced")
+    if AEGIS is None:
+        pytest.skip("aegis is not installed")
+
+    # What src selects, from default.nix itself, out of what the flake would see.
+    checkout = tmp_path / "checkout"
+    copy_files(tracked_files(), checkout)
+    drv = probe_package(nixpkgs_lib, checkout, tmp_path)
+    source = build_dir / "source"
+    copy_files(drv["files"], source)
+    make_read_only(source)
+    [pushd] = re.findall(r"pushd (\S+)", drv["preCheck"])
+    cwd = (build_dir / drv["sourceRoot"] / pushd).resolve()
+    assert cwd.is_relative_to(source)
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    bin_dir = Path(AEGIS).parent
+    needed = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), bin_dir.resolve()]
+    needed.append(Path(aegis.__file__).resolve().parent.parent)
+    sandbox = Sandbox(
+        exposing(needed, hold) + private_tmp(build_dir),
+        {
+            # preCheck puts the package's bin first on PATH; prometheus and promtool follow.
+            "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/homeless-shelter",
+            # As short as the build's /build: Unix socket paths under it are near their limit.
+            "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8",
+        },
+    )
+
+    where = sandbox.run([sys.executable, "-c", "import aegis; print(aegis.__file__)"], cwd)
+    assert where.returncode == 0, where.stderr
+    assert not Path(where.stdout.strip()).is_relative_to(build_dir), "the copy shadows aegis"
+
+    # The check phase's pytest command; -q and -rs only shorten the output and list the skips.
+    argv = [sys.executable, "-m", "pytest", *drv["pytestFlags"], "-q", "-rs"]
+    result = sandbox.run([*argv, *drv["enabledTestPaths"]], cwd)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    skips = re.findall(r"^SKIPPED \[\d+\] ([^:]+:\d+): ?(.*)$", report, re.MULTILINE)
+    unexplained = [where for where, reason in skips if len(reason.strip()) < 10]
+    assert unexplained == [], report
+
+
+def test_the_suite_collects_in_importlib_mode() -> None:
+    """Newer pytestCheckHooks run --import-mode=importlib, which puts nothing on sys.path."""
+    argv = ["--import-mode=importlib", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- the flake's outputs, with a stub nixpkgs ------------------------------------

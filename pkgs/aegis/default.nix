@@ -25,17 +25,23 @@ let
   pyproject = lib.importTOML ./pyproject.toml;
 
   # The Python project is pkgs/aegis/, but its tests are in tests/ at the
-  # repository root, so the source is the repository cut down to those two
-  # directories. The Nix files are left out, so that editing them does not
-  # rebuild the package, and so is tests/test_nix.py, which checks those Nix
-  # files and needs tools the build sandbox does not have.
+  # repository root, and tests/test_readme.py checks README.md against the
+  # code, CI's script and .gitignore, so the source is the repository cut down
+  # to those. The Nix files are left out, so that
+  # editing them does not rebuild the package, and so are tests/test_nix.py
+  # and tests/test_systemd.py, which check those Nix files and need tools
+  # (nix-instantiate, root, systemd-nspawn) the build sandbox does not have.
   src = lib.fileset.toSource {
     root = ../..;
     fileset = lib.fileset.unions [
+      ../../README.md
+      ../../.ci/run
+      ../../.gitignore
       (lib.fileset.difference ./. ./default.nix)
       (lib.fileset.difference ../../tests (
         lib.fileset.unions [
           ../../tests/test_nix.py
+          ../../tests/test_systemd.py
           (lib.fileset.fileFilter (file: file.hasExt "nix") ../../tests)
         ]
       ))
@@ -62,9 +68,11 @@ buildPythonPackage {
   ];
 
   nativeCheckInputs = [
-    # prometheus and promtool, for the end-to-end tests that scrape through Aegis
     hypothesis # the property-based part of tests/test_chaos.py
+    # prometheus and promtool, for the end-to-end tests that scrape through
+    # Aegis; nixpkgs moves promtool to prometheus' cli output
     prometheus
+    prometheus.cli
     pytest-aiohttp
     pytestCheckHook
     trustme

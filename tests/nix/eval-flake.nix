@@ -38,7 +38,7 @@ let
     testers.runNixOSTest = test: stub "vm-${system}" { testImports = map toString test.imports; };
     mkShell = attrs: stub "shell-${system}" { };
     nixfmt-tree = stub "nixfmt-tree" { };
-    prometheus = stub "prometheus" { };
+    prometheus = stub "prometheus" { cli = stub "prometheus-cli" { }; };
     ruff = stub "ruff" { };
   };
 
