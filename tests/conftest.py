@@ -10,10 +10,16 @@ import pytest
 from aegisrun import Children
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
 from prometheusrun import Prometheus
 
 from aegis.proxy import Config, make_app
+
+# No example database: the Nix build runs the suite in a read-only copy of the source, where
+# Hypothesis' default directory cannot be written (a warning, and warnings are errors).
+settings.register_profile("aegis", database=None)
+settings.load_profile("aegis")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
