@@ -123,7 +123,7 @@ async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
     await wait_refused(port)
     upstream.release.set()
 
-    assert await in_flight == (200, FIRST + REST)
+    assert await in_flight == (200, FIRST + REST), aegis.output()
     assert await aegis.wait(within=30) == 0, aegis.output()
     assert "Traceback" not in aegis.output()
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .accept import Acceptor, Connections, Shares
 from .process import die_with_parent
 from .timeouts import ConnectionBounds, Guard
-from .tlsfront import TLSListener
 
 log = logging.getLogger("aegis.server")
 
@@ -39,9 +39,11 @@ _SD_LISTEN_FDS_START = 3
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Held back while a worker starts, until its handlers are in place.
 _BLOCKED = (*_STOP_SIGNALS, signal.SIGHUP)
+_SIGNAL_POLL = 0.2
 # aiohttp's default; the head's size in bytes is the bound that matters (ConnectionBounds).
 _MAX_HEADERS = 128
 _BACKLOG = 1024
+_NOT_SENT_LOW_WATER = 128 * 1024
 # Unix listeners are created owner and group read-write, whatever the umask: connecting needs
 # write permission, so the socket's group (the directory's, if it is setgid) can scrape and
 # nobody else can. A directory that is itself closed keeps even the group out.
@@ -117,6 +119,8 @@ def _bind_one(listener: Listener) -> socket.socket:
     if listener.fd >= 0:
         sock = socket.socket(fileno=listener.fd)
         sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            _bound_unsent(sock)
         return sock
     if listener.unix_path:
         return _bind_unix(listener.unix_path)
@@ -131,6 +135,7 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
         # SO_REUSEADDR only lets a restart bind past connections in TIME_WAIT; never
         # SO_REUSEPORT, which would let a second program (or a second Aegis) share the port.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _bound_unsent(sock)
         if family == socket.AF_INET6:
             # "[::]:31337" means every address, IPv4 included, as it does for the Go original.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -141,6 +146,14 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _bound_unsent(sock: socket.socket) -> None:
+    """Keep at most ``_NOT_SENT_LOW_WATER`` bytes not yet sent in the kernel per connection
+    (accepted sockets inherit it). Without it the kernel takes megabytes of answers for a client
+    that does not read, and the transport never sees a full buffer, so the write deadline
+    (``--web.write-timeout``) would never start."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOT_SENT_LOW_WATER)
 
 
 def _bind_unix(path: str) -> socket.socket:
@@ -236,7 +249,13 @@ class _InFlight:
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Serving) -> int:
+def _run_worker(
+    app_factory: AppFactory,
+    socks: list[socket.socket],
+    serving: Serving,
+    shares: Shares | None = None,
+    index: int = 0,
+) -> int:
     async def main() -> None:
         runner = web.AppRunner(
             app_factory(),
@@ -254,32 +273,33 @@ def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Se
         assert runner.server is not None
         in_flight = _InFlight()
         runner.server.request_handler = in_flight.wrap(runner.server.request_handler)
-        live: set[Guard] = set()
+        live = Connections(shares, index)
         # Not web.SockSite: it cannot wrap the connection's protocol (the bounds), and it
-        # would listen() again with a backlog of 128.
+        # would listen() again with a backlog of 128. Not loop.create_server either: see
+        # aegis.accept for why each worker accepts one connection at a time.
         protocol = Guard.factory(runner.server, serving.bounds, live)
+        acceptors = [
+            Acceptor(
+                sock,
+                protocol,
+                live,
+                context=serving.ssl_context,
+                timeout=serving.bounds.read_header_timeout,
+            )
+            for sock in socks
+        ]
         loop = asyncio.get_running_loop()
-        closers: list[Callable[[], object]] = []
-        for sock in socks:
-            if serving.ssl_context is None:
-                server = await loop.create_server(protocol, sock=sock, backlog=_BACKLOG)
-                closers.append(server.close)
-            else:
-                tls = TLSListener(
-                    sock, protocol, serving.ssl_context, serving.bounds.read_header_timeout
-                )
-                closers.append(tls.close)
         # Everything built so far lives as long as the worker: keep the collector off it.
         gc.freeze()
         stop = asyncio.Event()
-        for signum in _STOP_SIGNALS:
-            loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _ignore_hangup, "worker")
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+        _watch_signals(loop, stop)
         await stop.wait()
         connections, requests = len(live), in_flight.now
-        for close in closers:
-            close()  # not wait_closed(): that waits for every connection
+        for acceptor in acceptors:
+            acceptor.close()
+        # Refused from now on, rather than queued for nobody (the supervisor closes its copies).
+        for sock in socks:
+            sock.close()
         await runner.cleanup()
         log.info(
             "worker %d stopped: %d connections were open, %d requests in flight, %d of them cut "
@@ -291,12 +311,30 @@ def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Se
             extra={"connections": connections, "in_flight": requests, "cut": in_flight.cut},
         )
 
-    # A stop signal that comes while the worker starts waits for its handler, rather than
-    # killing the worker half-started (and its supervisor then reporting a failure).
+    # The worker's signals stay blocked and are taken from the pending set (_watch_signals): a
+    # stop signal that comes while the worker starts cannot kill it half-started.
     signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+def _watch_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Take the blocked signals as they come pending, every ``_SIGNAL_POLL`` seconds.
+
+    Not ``loop.add_signal_handler``: with uvloop, a SIGTERM that arrived while a worker was
+    busy accepting was sometimes seen only at the next signal, and the worker never stopped.
+    """
+
+    def take() -> None:
+        while (info := signal.sigtimedwait(_BLOCKED, 0)) is not None:
+            if info.si_signo == signal.SIGHUP:
+                _ignore_hangup("worker")
+            else:
+                stop.set()
+        loop.call_later(_SIGNAL_POLL, take)
+
+    take()
 
 
 def _ignore_hangup(who: str) -> None:
@@ -330,6 +368,7 @@ def _supervise(
     gc.collect()
     gc.freeze()
     supervisor = os.getpid()
+    shares = Shares(count)
 
     def spawn(index: int) -> int:
         pid = os.fork()
@@ -340,7 +379,7 @@ def _supervise(
                 # SIGTERM when the supervisor dies, however it dies: a worker never serves
                 # unsupervised.
                 if die_with_parent(supervisor):
-                    code = _run_worker(app_factory, socks, serving)
+                    code = _run_worker(app_factory, socks, serving, shares, index)
                 if os.getppid() != supervisor:
                     log.warning("worker %d: the supervisor %d is gone", os.getpid(), supervisor)
                     if on_orphaned is not None:
@@ -374,6 +413,7 @@ def _supervise(
             if pid == 0:
                 break
             index = workers.pop(pid)
+            shares.leave(index)
             code = os.waitstatus_to_exitcode(status)
             if on_worker_exit is not None:
                 on_worker_exit(pid)

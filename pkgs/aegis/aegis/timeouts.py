@@ -24,10 +24,15 @@ Aegis answers GET and HEAD only, and a body it never reads is no reason to keep 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+
+from .accept import Connections
 
 __all__ = ["ConnectionBounds", "Guard"]
 
@@ -39,6 +44,7 @@ _END_OF_HEAD = b"\r\n\r\n"
 # the client before it has read the answer.
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +87,7 @@ class Guard(asyncio.Protocol):
     )
 
     def __init__(
-        self, inner: asyncio.Protocol, bounds: ConnectionBounds, live: set[Guard] | None = None
+        self, inner: asyncio.Protocol, bounds: ConnectionBounds, live: Connections | None = None
     ) -> None:
         self._inner = inner
         self._bounds = bounds
@@ -99,7 +105,7 @@ class Guard(asyncio.Protocol):
         cls,
         inner: Callable[[], asyncio.Protocol],
         bounds: ConnectionBounds,
-        live: set[Guard] | None = None,
+        live: Connections | None = None,
     ) -> Callable[[], asyncio.Protocol]:
         """A protocol factory; ``live`` (if given) holds every connection open at the moment."""
         return lambda: cls(inner(), bounds, live)
@@ -126,12 +132,20 @@ class Guard(asyncio.Protocol):
 
     def _not_reading(self) -> None:
         self._write_timer = None
-        if self._transport is not None:
-            log.debug(
-                "closing a connection that read nothing of its answer for %.3g s",
-                self._bounds.write_timeout,
-            )
-            self._transport.abort()
+        transport = self._transport
+        if transport is None:
+            return
+        log.debug(
+            "closing a connection that read nothing of its answer for %.3g s",
+            self._bounds.write_timeout,
+        )
+        # A plain close() leaves the unsent bytes with the kernel, which keeps the socket (and
+        # its buffers) while it probes a zero window for minutes; a reset frees them at once.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        transport.abort()
 
     def _too_large(self) -> None:
         """Answer 431 if aiohttp has nothing of this connection's to write, else just close."""
