@@ -226,11 +226,12 @@ def serve(
 class _InFlight:
     """Requests being handled in this worker, for the stop's log line."""
 
-    __slots__ = ("cut", "now")
+    __slots__ = ("cut", "now", "stopping")
 
     def __init__(self) -> None:
         self.now = 0
-        self.cut = 0
+        self.cut = 0  # cancelled while stopping: by the end of the grace period
+        self.stopping = False
 
     def wrap(self, handler: _Handler) -> _Handler:
         async def counted(request: web.BaseRequest) -> web.StreamResponse:
@@ -238,7 +239,7 @@ class _InFlight:
             try:
                 return await handler(request)
             except asyncio.CancelledError:
-                self.cut += 1
+                self.cut += self.stopping
                 raise
             finally:
                 self.now -= 1
@@ -295,6 +296,7 @@ def _run_worker(
         _watch_signals(loop, stop)
         await stop.wait()
         connections, requests = len(live), in_flight.now
+        in_flight.stopping = True
         for acceptor in acceptors:
             acceptor.close()
         # Refused from now on, rather than queued for nobody (the supervisor closes its copies).

@@ -148,7 +148,8 @@ class Guard(asyncio.Protocol):
         transport.abort()
 
     def _too_large(self) -> None:
-        """Answer 431 if aiohttp has nothing of this connection's to write, else just close."""
+        """Answer 431 on a connection's first request; close after the answers in progress
+        on a later one."""
         self._disarm()
         transport = self._transport
         if transport is None:
@@ -157,9 +158,14 @@ class Guard(asyncio.Protocol):
         self._refused = 0
         if self._heads:
             # An earlier request may still be being answered: a 431 written now could land in
-            # the middle of that answer. Closing cuts it visibly instead.
+            # the middle of that answer. aiohttp's handler closes the connection once it has
+            # answered what it already has (RequestHandler.close); a plain protocol, at once.
             log.debug("closing a connection whose request head is over %d bytes", limit)
-            transport.close()
+            close = getattr(self._inner, "close", None)
+            if callable(close):
+                close()
+            else:
+                transport.close()
             return
         log.debug("431: a request head over %d bytes", limit)
         transport.write(_answer_431(limit))
@@ -189,13 +195,17 @@ class Guard(asyncio.Protocol):
                 self._inner.data_received(data)
                 return
             self._arm()  # the first byte of a new request
-        if self._count(data):
+        complete = self._count(data)
+        if complete < 0:
             self._inner.data_received(data)
-        else:
-            self._too_large()
+            return
+        if complete:
+            self._inner.data_received(data[:complete])  # the heads before the one too large
+        self._too_large()
 
-    def _count(self, data: bytes) -> bool:
-        """Follow the heads in ``data``; False when one is over the bound."""
+    def _count(self, data: bytes) -> int:
+        """Follow the heads in ``data``: -1 if all is well, else how many of its bytes came
+        before the head that is over the bound."""
         limit = self._bounds.max_head_bytes
         carried = len(self._tail)  # already counted in _head_bytes
         seen = self._tail + data if carried else data
@@ -205,13 +215,13 @@ class Guard(asyncio.Protocol):
             end = found + len(_END_OF_HEAD)
             size += end - max(start, carried)
             if size > limit:
-                return False
+                return max(start - carried, 0)
             self._heads += 1
             size = 0
             start = end
         size += len(seen) - max(start, carried)
         if size > limit:
-            return False
+            return max(start - carried, 0)
         if start == len(seen):
             self._disarm()  # every head so far is complete: the handler takes it from here
         elif start > 0:
@@ -219,7 +229,7 @@ class Guard(asyncio.Protocol):
             size = len(seen) - start
         self._head_bytes = size
         self._tail = seen[-3:]
-        return True
+        return -1
 
     def eof_received(self) -> bool | None:
         if self._refused >= 0:
