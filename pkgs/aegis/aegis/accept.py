@@ -29,6 +29,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from .process import release_free_memory
+
 __all__ = ["Acceptor", "Connections", "Shares"]
 
 log = logging.getLogger("aegis.server")
@@ -44,6 +46,7 @@ _PLAIN_ANSWER = (
 _STEP_BACK = 0.002
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _OUT_OF_FDS_PAUSE = 0.1
+_TRIM_DELAY = 1.0
 _SLOT = struct.Struct("q")
 _ABSENT = -1
 
@@ -75,13 +78,19 @@ class Shares:
 
 
 class Connections:
-    """This worker's open connections (the Guard of each), published to :class:`Shares`."""
+    """This worker's open connections (the Guard of each), published to :class:`Shares`.
 
-    __slots__ = ("_index", "_members", "_pending", "_shares")
+    When connections that held large request heads have closed, the C heap's free pages are
+    given back to the system, once, a moment later (:data:`_TRIM_DELAY`): otherwise the
+    memory they took stays with the worker.
+    """
+
+    __slots__ = ("_index", "_members", "_pending", "_shares", "_trim")
 
     def __init__(self, shares: Shares | None = None, index: int = 0) -> None:
         self._members: set[object] = set()
         self._pending = 0  # accepted, not yet handed to a protocol
+        self._trim: asyncio.TimerHandle | None = None
         self._shares = shares
         self._index = index
         if shares is not None:
@@ -97,6 +106,16 @@ class Connections:
     def discard(self, member: object) -> None:
         self._members.discard(member)
         self._publish()
+
+    def release_later(self) -> None:
+        """A connection that held a large head has closed."""
+        if self._trim is None:
+            loop = asyncio.get_running_loop()
+            self._trim = loop.call_later(_TRIM_DELAY, self._release)
+
+    def _release(self) -> None:
+        self._trim = None
+        release_free_memory()
 
     def pending(self, delta: int) -> None:
         self._pending += delta

@@ -12,7 +12,7 @@ import os
 import resource
 import signal
 
-__all__ = ["die_with_parent", "raise_fd_limit"]
+__all__ = ["die_with_parent", "raise_fd_limit", "release_free_memory"]
 
 log = logging.getLogger("aegis.server")
 
@@ -46,3 +46,15 @@ def die_with_parent(parent: int, signum: signal.Signals = signal.SIGTERM) -> boo
         return False
     # The parent may have died between fork() and prctl(): then nobody will send the signal.
     return os.getppid() == parent
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    Freed memory stays with the process when it lies below memory still in use, as it does after
+    many connections each held a large request head for a while: hundreds of megabytes that no
+    longer hold anything. Elsewhere than glibc there is no such call, and nothing is done.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -43,7 +43,7 @@ _SIGNAL_POLL = 0.2
 # aiohttp's default; the head's size in bytes is the bound that matters (ConnectionBounds).
 _MAX_HEADERS = 128
 _BACKLOG = 1024
-_NOT_SENT_LOW_WATER = 128 * 1024
+_NOT_SENT_LOW_WATER = 512 * 1024
 # Unix listeners are created owner and group read-write, whatever the umask: connecting needs
 # write permission, so the socket's group (the directory's, if it is setgid) can scrape and
 # nobody else can. A directory that is itself closed keeps even the group out.

@@ -44,6 +44,8 @@ _END_OF_HEAD = b"\r\n\r\n"
 # the client before it has read the answer.
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+# An unfinished head larger than this makes the memory be given back after the connection.
+_HEAVY_HEAD = 16 * 1024
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 
 
@@ -77,6 +79,7 @@ class Guard(asyncio.Protocol):
         "_bounds",
         "_head_bytes",
         "_heads",
+        "_heavy",
         "_inner",
         "_live",
         "_refused",
@@ -99,6 +102,7 @@ class Guard(asyncio.Protocol):
         self._head_bytes = 0  # of the head in progress
         self._heads = 0  # complete heads passed on to aiohttp
         self._refused = -1  # bytes dropped since a 431, or -1
+        self._heavy = False  # held a large unfinished head at some point
 
     @classmethod
     def factory(
@@ -229,6 +233,8 @@ class Guard(asyncio.Protocol):
             size = len(seen) - start
         self._head_bytes = size
         self._tail = seen[-3:]
+        if size > _HEAVY_HEAD:
+            self._heavy = True
         return -1
 
     def eof_received(self) -> bool | None:
@@ -244,6 +250,8 @@ class Guard(asyncio.Protocol):
         self._transport = None
         if self._live is not None:
             self._live.discard(self)
+            if self._heavy or self._refused >= 0:
+                self._live.release_later()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
