@@ -87,9 +87,9 @@ async def wait_refused(port: int, within: float = 20.0) -> None:
         except ConnectionRefusedError:
             return
         except ConnectionResetError:
-            # This probe was queued on a worker's listening socket as it closed (each worker has
-            # its own SO_REUSEPORT socket, and the kernel drops what waits on a closed one).
-            # Not accepted, but not yet the answer either: ask again.
+            # This probe was queued on the listening socket as its last holder closed it (the
+            # kernel drops what waits on a closed one). Not accepted, but not yet the answer
+            # either: ask again.
             pass
         else:
             writer.close()

@@ -193,12 +193,11 @@ class Acceptor:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
-            if exc.errno not in _OUT_OF_FDS:
-                raise
-            # The listening socket stays readable: stop watching it for a moment, not spin.
             log.error("cannot accept a connection: %s", exc.strerror or exc)
-            self._unwatch()
-            self._loop.call_later(_OUT_OF_FDS_PAUSE, self._watch)
+            if exc.errno in _OUT_OF_FDS:
+                # The listening socket stays readable: stop watching it for a moment, not spin.
+                self._unwatch()
+                self._loop.call_later(_OUT_OF_FDS_PAUSE, self._watch)
             return
         conn.setblocking(False)
         self._connections.pending(1)
