@@ -127,6 +127,16 @@ async def test_unfinished_heads_get_431_and_the_memory_comes_back(
     await assert_invariants(aegis, port)
 
 
+def server_side_peers(port: int) -> set[int]:
+    """The remote ports of the kernel's sockets whose local port is ``port`` (/proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote = line.split()[1:3]
+        if int(local.rpartition(":")[2], 16) == port:
+            found.add(int(remote.rpartition(":")[2], 16))
+    return found
+
+
 def tcp_state(sock: socket.socket) -> int:
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_STATE.size)
     return int(_TCP_INFO_STATE.unpack(info)[0])
@@ -156,7 +166,11 @@ async def test_clients_that_never_read_are_cut_at_the_write_deadline(
         while not all(tcp_state(sock) == _TCP_CLOSE for sock in readers):
             assert time.monotonic() - started < 30, [tcp_state(s) for s in readers]
             await asyncio.sleep(0.2)
-        # The workers gave back their ends (and the kernel the buffers behind them).
+        # The kernel holds no socket of these connections on Aegis's side, in any state (a
+        # plain close would leave each in FIN-WAIT-1 with its unsent answers for minutes).
+        peers = {sock.getsockname()[1] for sock in readers}
+        assert not peers & server_side_peers(port)
+        # The workers gave back their descriptors.
         deadline = time.monotonic() + 10
         while sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) > fds_before + 2:
             assert time.monotonic() < deadline
