@@ -36,14 +36,14 @@ def raise_fd_limit() -> int:
 def die_with_parent(parent: int, signum: signal.Signals = signal.SIGTERM) -> bool:
     """Have the kernel send ``signum`` to this process when its parent dies, whatever the cause.
 
-    False if ``parent`` is already gone (it died before the request took effect), or the
-    request failed: the caller should not run then.
+    False if ``parent`` is already gone (it died before the request took effect): the caller
+    should not run then. A refused request (a seccomp filter) is logged, and the caller runs
+    without that guarantee rather than not at all.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         log.error("prctl(PR_SET_PDEATHSIG): %s", os.strerror(errno))
-        return False
     # The parent may have died between fork() and prctl(): then nobody will send the signal.
     return os.getppid() == parent
 
