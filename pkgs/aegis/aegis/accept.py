@@ -6,7 +6,8 @@ burst: wrk's 32 connections split 29 to 3, and one worker did all the work. So e
 accepts one connection at a time, and one that holds more connections than another worker
 steps back for a moment (:data:`_STEP_BACK`) before taking the next; the counts live in a
 few bytes of memory shared across ``fork()`` (:class:`Shares`). A worker that steps back
-still accepts after the pause, so a stuck or slow sibling never leaves connections waiting.
+still accepts after the pause (2 ms per connection it leads by, at most 20 ms), so a stuck or
+slow sibling never leaves connections waiting for long.
 
 TLS listeners also tell a plain-HTTP client what went wrong, as Go servers do: each connection
 is first read without consuming anything (``MSG_PEEK``); a first byte that starts a TLS
@@ -44,6 +45,7 @@ _PLAIN_ANSWER = (
     b"Connection: close\r\n\r\n%s" % (len(_BODY), _BODY)
 )
 _STEP_BACK = 0.002
+_MAX_STEP_BACK = 0.02
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _OUT_OF_FDS_PAUSE = 0.1
 _TRIM_DELAY = 1.0
@@ -67,14 +69,15 @@ class Shares:
     def publish(self, index: int, count: int) -> None:
         _SLOT.pack_into(self._memory, index * _SLOT.size, count)
 
-    def ahead(self, index: int, count: int) -> bool:
-        """True when another worker holds fewer connections than ``count``."""
+    def ahead(self, index: int, count: int) -> int:
+        """By how many connections ``count`` exceeds the fewest another worker holds (0: not)."""
+        lead = 0
         for other in range(self._workers):
             if other != index:
                 theirs = _SLOT.unpack_from(self._memory, other * _SLOT.size)[0]
-                if 0 <= theirs < count:
-                    return True
-        return False
+                if theirs >= 0:
+                    lead = max(lead, count - theirs)
+        return lead
 
 
 class Connections:
@@ -125,9 +128,11 @@ class Connections:
         if self._shares is not None:
             self._shares.publish(self._index, len(self._members) + self._pending)
 
-    def ahead(self) -> bool:
-        held = len(self._members) + self._pending
-        return self._shares is not None and self._shares.ahead(self._index, held)
+    def ahead(self) -> int:
+        """By how many connections this worker leads the one that holds the fewest."""
+        if self._shares is None:
+            return 0
+        return self._shares.ahead(self._index, len(self._members) + self._pending)
 
 
 class Acceptor:
@@ -178,9 +183,12 @@ class Acceptor:
             self._watching = False
 
     def _ready(self) -> None:
-        if self._connections.ahead():
+        lead = self._connections.ahead()
+        if lead > 0:
+            # The further ahead, the longer the pause: a sibling that is slow to wake (a busy
+            # machine) still gets its share of a burst.
             self._unwatch()
-            self._loop.call_later(_STEP_BACK, self._take)
+            self._loop.call_later(min(_STEP_BACK * lead, _MAX_STEP_BACK), self._take)
             return
         self._take()
 
