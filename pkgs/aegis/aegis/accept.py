@@ -160,7 +160,7 @@ class Acceptor:
         self._watch()
 
     def close(self) -> None:
-        """Stop accepting and drop the connections not handed over yet."""
+        """Stop accepting, and drop the TLS connections that have not sent their first byte."""
         if self._closed:
             return
         self._closed = True
@@ -169,8 +169,9 @@ class Acceptor:
             self._forget(conn)
             self._connections.pending(-1)
             conn.close()
-        for task in self._tasks:
-            task.cancel()
+        # Connections being handed over are left to finish (a TLS handshake within its
+        # deadline): cancelled half-way, one could stay registered with aiohttp and hold the
+        # stop for the whole grace period.
 
     def _watch(self) -> None:
         if not self._closed and not self._watching:
