@@ -217,10 +217,16 @@ async def test_two_workers_share_the_port_and_both_answer(children, upstreams, s
     assert len(workers) == 2, f"workers: {workers}\n{aegis.output()}"
     assert f"2 workers: {workers[0]} {workers[1]}" in aegis.output()
 
-    # Fresh connections are spread by the kernel (SO_REUSEPORT hashes each connection): with
-    # 40 of them, the chance that one worker gets none is 2**-39.
-    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(40)))
-    assert answers == [(200, b"shared_value 2\n")] * 40
+    # Both workers accept on the one listening socket, and one holding more connections than
+    # the other steps back (aegis.accept). A worker the machine leaves asleep for a moment may
+    # miss a whole burst of 40, so up to 5 bursts.
+    for _ in range(5):
+        answers = await asyncio.gather(
+            *(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(40))
+        )
+        assert answers == [(200, b"shared_value 2\n")] * 40
+        if set(callers) == set(workers):
+            break
     assert set(callers) == set(workers)
 
 

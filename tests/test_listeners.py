@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
+import ssl
 import stat
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from aegisrun import Children, free_port, has_ipv6_loopback, needs_aegis
 
 from conftest import Upstreams
@@ -113,3 +118,67 @@ async def test_bad_listen_address_is_an_error(
     child = children.start("--web.listen-address", address, "-sockdir", str(sockdir))
     assert await child.wait() == 2
     assert message in child.output()
+
+
+PLAIN_ON_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 48\r\n"
+    b"Connection: close\r\n\r\n"
+    b"Client sent an HTTP request to an HTTPS server.\n"
+)
+
+
+async def read_all(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(20):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+async def served_certificate(port: int, ctx: ssl.SSLContext) -> bytes:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return bytes(der)
+
+
+async def test_a_tls_listener_answers_plain_http_with_400_and_still_serves_tls(
+    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: s.pem\n  key_file: s.pem\n")
+    port = free_port()
+    child = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        *("--web.config.file", str(config), "--web.read-header-timeout=1s"),
+    )
+    await child.ready("127.0.0.1", port)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"https://127.0.0.1:{port}/node", ssl=ctx) as resp,
+    ):
+        assert (resp.status, await resp.text()) == (200, PAGE)
+    for request in (b"GET /node HTTP/1.1\r\nHost: aegis\r\n\r\n", b"G"):
+        assert await read_all(port, request) == PLAIN_ON_TLS
+    # Silence, or a handshake begun and never finished, is cut at the read-header deadline.
+    for request in (b"", b"\x16\x03\x01"):
+        started = time.monotonic()
+        assert await read_all(port, request) == b""
+        assert time.monotonic() - started < 10
+    # A rotated certificate is picked up on the next handshake.
+    first = await served_certificate(port, ctx)
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "n.pem"))
+    os.replace(tmp_path / "n.pem", tmp_path / "s.pem")
+    assert await served_certificate(port, ctx) != first
+    assert "Traceback" not in child.output()
+    assert await child.stop() == 0

@@ -87,9 +87,9 @@ async def wait_refused(port: int, within: float = 20.0) -> None:
         except ConnectionRefusedError:
             return
         except ConnectionResetError:
-            # This probe was queued on a worker's listening socket as it closed (each worker has
-            # its own SO_REUSEPORT socket, and the kernel drops what waits on a closed one).
-            # Not accepted, but not yet the answer either: ask again.
+            # This probe was queued on the listening socket as its last holder closed it (the
+            # kernel drops what waits on a closed one). Not accepted, but not yet the answer
+            # either: ask again.
             pass
         else:
             writer.close()
@@ -123,7 +123,7 @@ async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
     await wait_refused(port)
     upstream.release.set()
 
-    assert await in_flight == (200, FIRST + REST)
+    assert await in_flight == (200, FIRST + REST), aegis.output()
     assert await aegis.wait(within=30) == 0, aegis.output()
     assert "Traceback" not in aegis.output()
 
@@ -161,3 +161,57 @@ async def test_a_stop_right_after_start_is_a_clean_exit(attempt, children, sockd
     await aegis.wait_for_output("2 workers: ")
     aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
+
+
+# --- request heads: the size bound (431) counted exactly, whatever the reads ---
+
+LIMIT = 1024
+
+
+def head_of(size: int) -> bytes:
+    """A GET /-/healthy head of exactly ``size`` bytes, blank line included."""
+    start, end = b"GET /-/healthy HTTP/1.1\r\nHost: aegis\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+async def send_in_pieces(port: int, data: bytes, piece: int) -> bytes:
+    """Write ``data`` in pieces of ``piece`` bytes (each its own segment), then read to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for offset in range(0, len(data), piece):
+            writer.write(data[offset : offset + piece])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        async with asyncio.timeout(20):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+@needs_aegis
+@pytest.mark.parametrize("piece", [1 << 20, 100, 7])
+async def test_a_head_at_the_bound_passes_and_one_byte_more_is_431(piece, children, sockdir):
+    _, port = await children.serve(
+        sockdir, "--workers", "1", f"--web.max-header-bytes={LIMIT}", "--web.idle-timeout=1s"
+    )
+    fits = await send_in_pieces(port, head_of(LIMIT), piece)
+    assert fits.startswith(b"HTTP/1.1 200 OK\r\n"), fits
+    over = await send_in_pieces(port, head_of(LIMIT + 1), piece)
+    assert over.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), over
+    assert over.endswith(b"\r\n\r\nrequest head larger than 1024 bytes\n")
+
+
+@needs_aegis
+async def test_pipelined_heads_are_bounded_one_by_one_not_together(children, sockdir):
+    _, port = await children.serve(
+        sockdir, "--workers", "1", f"--web.max-header-bytes={LIMIT}", "--web.idle-timeout=1s"
+    )
+    # 60 heads of 600 bytes in one write: 36 KB together, each under the bound.
+    answers = await send_in_pieces(port, head_of(600) * 60, 1 << 20)
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 60
+    assert b" 431 " not in answers
+    # An oversized head behind an answered one closes the connection: a 431 written then could
+    # land inside an answer still being written.
+    closed = await send_in_pieces(port, head_of(600) + head_of(LIMIT + 1), 1 << 20)
+    assert closed.count(b"HTTP/1.1 200 OK\r\n") == 1
+    assert b" 431 " not in closed

@@ -24,6 +24,7 @@ from aiohttp import web
 from . import __version__, logs, multiproc
 from .config import Config, ConfigError, parse_duration
 from .configfile import load_targets
+from .process import raise_fd_limit
 from .proxy import make_app
 from .server import (
     Listener,
@@ -35,6 +36,7 @@ from .server import (
     systemd_listeners,
 )
 from .targets import Target, check_name
+from .timeouts import ConnectionBounds
 from .webauth import setup_web_config
 from .webconfig import WebConfig, WebConfigError, load_web_config, server_ssl_context
 
@@ -240,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="time a keep-alive connection may wait for its next request (default: %(default)s)",
     )
     parser.add_argument(
+        "--web.max-header-bytes",
+        dest="max_header_bytes",
+        metavar="BYTES",
+        type=_positive_int,
+        default=64 * 1024,
+        help="largest request head (request line and headers) accepted; past it, 431 and the "
+        "connection is closed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.write-timeout",
+        dest="write_timeout",
+        metavar="DURATION",
+        type=_positive_duration,
+        default="30s",
+        help="time a client may leave Aegis's answer unread (the connection's buffers full) "
+        "before it is disconnected (default: %(default)s)",
+    )
+    parser.add_argument(
         "--limit.concurrent-requests",
         dest="max_concurrent",
         metavar="N",
@@ -350,7 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving = Serving(
         shutdown_grace=args.grace,
         ssl_context=server_ssl_context(web_config.tls) if web_config and web_config.tls else None,
-        read_header_timeout=args.read_header_timeout,
+        bounds=ConnectionBounds(
+            read_header_timeout=args.read_header_timeout,
+            max_head_bytes=args.max_header_bytes,
+            write_timeout=args.write_timeout,
+        ),
         idle_timeout=args.idle_timeout,
     )
     # The original's start line, HOSTPORT -> SOCKDIR, with the directory the workers will scan.
@@ -358,21 +382,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if serving.ssl_context:
         log.info("serving TLS only (%s)", args.web_config)
     try:
-        socks = bind(listeners, args.workers)
+        socks = bind(listeners)
     except OSError as exc:
         log.error("cannot listen on %s", exc.strerror or exc)
         return 1
+    max_fds = raise_fd_limit()
+    log.debug("open files limit: %d", max_fds)
     files = socket_files(listeners)
     try:
         if args.workers == 1:
             return serve(lambda: _app(config, web_config), socks, serving)
         # Several workers: one set of self-metrics for all of them, whichever answers a scrape.
         with multiproc.metrics_dir() as path:
+
+            def orphaned() -> None:
+                remove_socket_files(files)
+                multiproc.remove(path)
+
             return serve(
                 lambda: _app(config, web_config, multiprocess_dir=path),
                 socks,
                 serving,
+                workers=args.workers,
                 on_worker_exit=functools.partial(multiproc.worker_exited, path),
+                on_orphaned=orphaned,
             )
     finally:
         remove_socket_files(files)

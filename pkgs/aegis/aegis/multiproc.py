@@ -6,7 +6,11 @@ variable is set in the parent before it forks (the workers create the values); t
 must start empty (files of an earlier run would be added in) and is removed at exit.
 
 Where: ``$RUNTIME_DIRECTORY/metrics`` under systemd (``RuntimeDirectory=``, private to the
-service and on tmpfs), else a fresh private temporary directory.
+service and on tmpfs), else a fresh private temporary directory named after the supervisor's
+pid. Workers remove it if the supervisor is killed (they outlive it by their grace period); if
+every process is killed at once nothing runs to remove it, so a start also removes the
+directories of earlier supervisors that are no longer running (systemd removes a
+``RuntimeDirectory=`` itself).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from pathlib import Path
 
 from prometheus_client import multiprocess, values
 
-__all__ = ["metrics_dir", "worker_exited"]
+__all__ = ["metrics_dir", "remove", "worker_exited"]
 
 log = logging.getLogger("aegis.multiproc")
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
+_PREFIX = "aegis-metrics-"
 
 
 @contextlib.contextmanager
@@ -37,7 +42,8 @@ def metrics_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(mode=0o700)
     else:
-        path = Path(tempfile.mkdtemp(prefix="aegis-metrics-"))
+        _remove_stale(Path(tempfile.gettempdir()))
+        path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
     previous = os.environ.get(_ENV)
     previous_class = values.ValueClass
     os.environ[_ENV] = str(path)
@@ -53,7 +59,27 @@ def metrics_dir() -> Iterator[Path]:
         else:
             os.environ[_ENV] = previous
         values.ValueClass = previous_class
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
+
+
+def remove(path: Path) -> None:
+    """Remove the directory and what is in it; gone already is fine."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale(tmp: Path) -> None:
+    uid = os.getuid()
+    for entry in tmp.glob(f"{_PREFIX}*-*"):
+        pid_text = entry.name[len(_PREFIX) :].partition("-")[0]
+        try:
+            if not pid_text.isdigit() or entry.lstat().st_uid != uid or not entry.is_dir():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by an Aegis that was killed", entry)
+            remove(entry)
+        except OSError:
+            continue  # alive (EPERM: someone else's pid now), or gone while looking
 
 
 def worker_exited(path: Path, pid: int) -> None:

@@ -3,11 +3,13 @@
 This is the command line's engine, not the library: it installs signal handlers and forks. Other
 programs mount :func:`aegis.proxy.make_app` in their own server instead.
 
-Several workers share each TCP port through ``SO_REUSEPORT`` (the kernel spreads connections
-across them); Unix-socket and systemd-provided listeners are one socket that every worker accepts
-on. The parent binds everything before forking, so a port in use is one clear error at start, and
-then only supervises: it forwards SIGTERM/SIGINT, restarts a worker that died, and exits 0 once
-every worker finished its in-flight scrapes.
+Each listener is one socket, bound by this process before any worker starts: a port in use
+(by anyone, a second Aegis included) is one clear error at start, and no other program can
+join the port, since nothing sets ``SO_REUSEPORT``. Every worker accepts on the sockets it
+inherited across ``fork()``. The parent then only supervises: it forwards SIGTERM/SIGINT,
+restarts a worker that died, ignores SIGHUP (with a log line), and exits 0 once every worker
+finished its in-flight scrapes. A worker gets SIGTERM from the kernel when the parent dies,
+however it dies (``PR_SET_PDEATHSIG``), and then removes what the parent would have removed.
 """
 
 from __future__ import annotations
@@ -22,18 +24,26 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .timeouts import HeadTimeout
+from .accept import Acceptor, Connections, Shares
+from .process import die_with_parent
+from .timeouts import ConnectionBounds, Guard
 
 log = logging.getLogger("aegis.server")
 
 _SD_LISTEN_FDS_START = 3
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Held back while a worker starts, until its handlers are in place.
+_BLOCKED = (*_STOP_SIGNALS, signal.SIGHUP)
+_SIGNAL_POLL = 0.2
+# aiohttp's default; the head's size in bytes is the bound that matters (ConnectionBounds).
+_MAX_HEADERS = 128
 _BACKLOG = 1024
+_NOT_SENT_LOW_WATER = 512 * 1024
 # Unix listeners are created owner and group read-write, whatever the umask: connecting needs
 # write permission, so the socket's group (the directory's, if it is setgid) can scrape and
 # nobody else can. A directory that is itself closed keeps even the group out.
@@ -86,46 +96,46 @@ def systemd_listeners() -> list[Listener]:
     return [Listener(fd=fd) for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count)]
 
 
-def bind(listeners: Sequence[Listener], workers: int) -> list[list[socket.socket]]:
-    """The listening sockets of each worker (index = worker).
+def bind(listeners: Sequence[Listener]) -> list[socket.socket]:
+    """One listening socket per listener, which every worker accepts on.
 
     An ``OSError`` names the listener that failed: "address in use" alone does not say which.
     """
-    per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
-    for listener in listeners:
-        try:
-            _bind_one(listener, per_worker)
-        except OSError as exc:
-            raise OSError(exc.errno, f"{listener}: {exc.strerror or exc}") from exc
-    return per_worker
+    socks: list[socket.socket] = []
+    try:
+        for listener in listeners:
+            try:
+                socks.append(_bind_one(listener))
+            except OSError as exc:
+                raise OSError(exc.errno, f"{listener}: {exc.strerror or exc}") from exc
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
-def _bind_one(listener: Listener, per_worker: list[list[socket.socket]]) -> None:
+def _bind_one(listener: Listener) -> socket.socket:
     if listener.fd >= 0:
-        shared = socket.socket(fileno=listener.fd)
-        shared.setblocking(False)
-        for socks in per_worker:
-            socks.append(shared)
-    elif listener.unix_path:
-        shared = _bind_unix(listener.unix_path)
-        for socks in per_worker:
-            socks.append(shared)
-    else:
-        port = listener.port
-        for socks in per_worker:
-            sock = _bind_tcp(listener.host, port, reuse_port=len(per_worker) > 1)
-            port = sock.getsockname()[1]  # with port 0, the others join the one picked
-            socks.append(sock)
+        sock = socket.socket(fileno=listener.fd)
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            _bound_unsent(sock)
+        return sock
+    if listener.unix_path:
+        return _bind_unix(listener.unix_path)
+    return _bind_tcp(listener.host, listener.port)
 
 
-def _bind_tcp(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+def _bind_tcp(host: str, port: int) -> socket.socket:
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
+        # SO_REUSEADDR only lets a restart bind past connections in TIME_WAIT; never
+        # SO_REUSEPORT, which would let a second program (or a second Aegis) share the port.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _bound_unsent(sock)
         if family == socket.AF_INET6:
             # "[::]:31337" means every address, IPv4 included, as it does for the Go original.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -136,6 +146,14 @@ def _bind_tcp(host: str, port: int, *, reuse_port: bool) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _bound_unsent(sock: socket.socket) -> None:
+    """Keep at most ``_NOT_SENT_LOW_WATER`` bytes not yet sent in the kernel per connection
+    (accepted sockets inherit it). Without it the kernel takes megabytes of answers for a client
+    that does not read, and the transport never sees a full buffer, so the write deadline
+    (``--web.write-timeout``) would never start."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOT_SENT_LOW_WATER)
 
 
 def _bind_unix(path: str) -> socket.socket:
@@ -176,9 +194,8 @@ class Serving:
     shutdown_grace: float = 10.0
     #: TLS on every listener (``--web.config.file``), or plain HTTP.
     ssl_context: ssl.SSLContext | None = None
-    #: Seconds from accept (or a request's first byte) to the end of its head; also bounds
-    #: the TLS handshake.
-    read_header_timeout: float = 10.0
+    #: Head deadline and size, write deadline; the head deadline also bounds the TLS handshake.
+    bounds: ConnectionBounds = field(default_factory=ConnectionBounds)
     #: Seconds a connection may wait for its next request.
     idle_timeout: float = 120.0
 
@@ -188,19 +205,58 @@ AppFactory = Callable[[], web.Application]
 
 def serve(
     app_factory: AppFactory,
-    socks: list[list[socket.socket]],
+    socks: list[socket.socket],
     serving: Serving,
     *,
+    workers: int = 1,
     on_worker_exit: Callable[[int], None] | None = None,
+    on_orphaned: Callable[[], None] | None = None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT; returns the exit status. ``on_worker_exit(pid)`` is called
-    in the parent for each worker process that ended."""
-    if len(socks) == 1:
-        return _run_worker(app_factory, socks[0], serving)
-    return _supervise(app_factory, socks, serving, on_worker_exit)
+    """Serve until SIGTERM or SIGINT; returns the exit status.
+
+    With several ``workers`` this process supervises them: ``on_worker_exit(pid)`` is called
+    for each worker that ended, and ``on_orphaned()`` in a worker that outlived its supervisor
+    (SIGKILL), to remove what the supervisor would have removed at exit.
+    """
+    if workers == 1:
+        return _run_worker(app_factory, socks, serving)
+    return _supervise(app_factory, socks, serving, workers, on_worker_exit, on_orphaned)
 
 
-def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Serving) -> int:
+class _InFlight:
+    """Requests being handled in this worker, for the stop's log line."""
+
+    __slots__ = ("cut", "now", "stopping")
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.cut = 0  # cancelled while stopping: by the end of the grace period
+        self.stopping = False
+
+    def wrap(self, handler: _Handler) -> _Handler:
+        async def counted(request: web.BaseRequest) -> web.StreamResponse:
+            self.now += 1
+            try:
+                return await handler(request)
+            except asyncio.CancelledError:
+                self.cut += self.stopping
+                raise
+            finally:
+                self.now -= 1
+
+        return counted
+
+
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _run_worker(
+    app_factory: AppFactory,
+    socks: list[socket.socket],
+    serving: Serving,
+    shares: Shares | None = None,
+    index: int = 0,
+) -> int:
     async def main() -> None:
         runner = web.AppRunner(
             app_factory(),
@@ -211,42 +267,87 @@ def _run_worker(app_factory: AppFactory, socks: list[socket.socket], serving: Se
             # A scraper that hangs up cancels its handler, so the upstream exchange, its
             # connection and its concurrency slot are given back at once.
             handler_cancellation=True,
+            # The head's size is bounded (431) by the Guard before aiohttp parses it; aiohttp's
+            # own line limits are set to that bound so it never answers a different error first.
+            max_line_size=serving.bounds.max_head_bytes,
+            max_field_size=serving.bounds.max_head_bytes,
+            max_headers=_MAX_HEADERS,
         )
         await runner.setup()
         assert runner.server is not None
-        # Not web.SockSite: it cannot wrap the connection's protocol (the head deadline), and it
-        # would listen() again with a backlog of 128.
-        protocol = HeadTimeout.factory(runner.server, serving.read_header_timeout)
-        loop = asyncio.get_running_loop()
-        handshake = serving.read_header_timeout if serving.ssl_context else None
-        servers = [
-            await loop.create_server(
+        in_flight = _InFlight()
+        runner.server.request_handler = in_flight.wrap(runner.server.request_handler)
+        live = Connections(shares, index)
+        # Not web.SockSite: it cannot wrap the connection's protocol (the bounds), and it
+        # would listen() again with a backlog of 128. Not loop.create_server either: see
+        # aegis.accept for why each worker accepts one connection at a time.
+        protocol = Guard.factory(runner.server, serving.bounds, live)
+        acceptors = [
+            Acceptor(
+                sock,
                 protocol,
-                sock=sock,
-                ssl=serving.ssl_context,
-                ssl_handshake_timeout=handshake,
-                backlog=_BACKLOG,
+                live,
+                context=serving.ssl_context,
+                timeout=serving.bounds.read_header_timeout,
             )
             for sock in socks
         ]
+        loop = asyncio.get_running_loop()
         # Everything built so far lives as long as the worker: keep the collector off it.
         gc.freeze()
         stop = asyncio.Event()
-        for signum in _STOP_SIGNALS:
-            loop.add_signal_handler(signum, stop.set)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _watch_signals(loop, stop)
         await stop.wait()
-        log.debug("worker %d stopping: finishing in-flight scrapes", os.getpid())
-        for server in servers:
-            server.close()  # not wait_closed(): that waits for every connection
+        connections, requests = len(live), in_flight.now
+        in_flight.stopping = True
+        for acceptor in acceptors:
+            acceptor.close()
+        # Refused from now on, rather than queued for nobody (the supervisor closes its copies).
+        for sock in socks:
+            sock.close()
         await runner.cleanup()
+        log.info(
+            "worker %d stopped: %d connections were open, %d requests in flight, %d of them cut "
+            "at the end of the grace period",
+            os.getpid(),
+            connections,
+            requests,
+            in_flight.cut,
+            extra={"connections": connections, "in_flight": requests, "cut": in_flight.cut},
+        )
 
-    # A stop signal that comes while the worker starts waits for its handler, rather than
-    # killing the worker half-started (and its supervisor then reporting a failure).
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    # The worker's signals stay blocked and are taken from the pending set (_watch_signals): a
+    # stop signal that comes while the worker starts cannot kill it half-started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+def _watch_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Take the blocked signals as they come pending, every ``_SIGNAL_POLL`` seconds.
+
+    Not ``loop.add_signal_handler``: with uvloop, a SIGTERM that arrived while a worker was
+    busy accepting was sometimes seen only at the next signal, and the worker never stopped.
+    """
+
+    def take() -> None:
+        while (info := signal.sigtimedwait(_BLOCKED, 0)) is not None:
+            if info.si_signo == signal.SIGHUP:
+                _ignore_hangup("worker")
+            else:
+                stop.set()
+        loop.call_later(_SIGNAL_POLL, take)
+
+    take()
+
+
+def _ignore_hangup(who: str) -> None:
+    log.info(
+        "%s: SIGHUP ignored; Aegis reads its configuration at start only, restart it to apply "
+        "changes",
+        who,
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -259,56 +360,65 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def _supervise(
     app_factory: AppFactory,
-    socks: list[list[socket.socket]],
+    socks: list[socket.socket],
     serving: Serving,
+    count: int,
     on_worker_exit: Callable[[int], None] | None,
+    on_orphaned: Callable[[], None] | None,
 ) -> int:
-    watched = {signal.SIGCHLD, *_STOP_SIGNALS}
+    watched = {signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     # What the parent imported is shared with every worker until someone writes to it; the
     # collector's bookkeeping is such a write, so the start-up objects are kept out of its way.
     gc.collect()
     gc.freeze()
-    every_socket = {sock for per_worker in socks for sock in per_worker}
+    supervisor = os.getpid()
+    shares = Shares(count)
 
     def spawn(index: int) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_STOP_SIGNALS})
-                # Other workers' sockets came along with the fork; kept, they would hold the
-                # port open while this worker finishes its scrapes after SIGTERM.
-                for sock in every_socket.difference(socks[index]):
-                    sock.close()
-                code = _run_worker(app_factory, socks[index], serving)
+                signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_BLOCKED})
+                # SIGTERM when the supervisor dies, however it dies: a worker never serves
+                # unsupervised.
+                if die_with_parent(supervisor):
+                    code = _run_worker(app_factory, socks, serving, shares, index)
+                if os.getppid() != supervisor:
+                    log.warning("worker %d: the supervisor %d is gone", os.getpid(), supervisor)
+                    if on_orphaned is not None:
+                        on_orphaned()
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
                 os._exit(code)
         return pid
 
-    workers = {spawn(index): index for index in range(len(socks))}
+    workers = {spawn(index): index for index in range(count)}
     log.info("%d workers: %s", len(workers), " ".join(map(str, workers)))
     grace = serving.shutdown_grace
     stopping_since: float | None = None
     failed = False
     while workers:
         info = signal.sigtimedwait(watched, 1.0)
-        if info is not None and info.si_signo in _STOP_SIGNALS and stopping_since is None:
+        if info is not None and info.si_signo == signal.SIGHUP:
+            _ignore_hangup("supervisor")
+        elif info is not None and info.si_signo in _STOP_SIGNALS and stopping_since is None:
             stopping_since = time.monotonic()
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             # The parent's copies keep each port listening after the workers closed theirs:
             # new connections would queue for nobody and be reset at exit instead of refused.
-            for sock in every_socket:
+            for sock in socks:
                 sock.close()
         while workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
             index = workers.pop(pid)
+            shares.leave(index)
             code = os.waitstatus_to_exitcode(status)
             if on_worker_exit is not None:
                 on_worker_exit(pid)
@@ -325,4 +435,5 @@ def _supervise(
                     os.kill(pid, signal.SIGKILL)
             failed = True
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    log.info("all workers stopped; exiting with %d", 1 if failed else 0)
     return 1 if failed else 0

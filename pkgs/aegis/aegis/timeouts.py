@@ -1,103 +1,269 @@
-"""A deadline on reading each request head, so slow clients cannot hold connections open.
+"""Bounds on each client connection that aiohttp does not enforce: head deadline, head size,
+and a deadline on writing to a client that stopped reading.
 
-aiohttp's ``keepalive_timeout`` closes a connection that sends nothing, but its timer is
-cancelled by the first byte of a request: a client that dribbles a header byte a second (a
-slowloris) keeps its connection, and its file descriptor, for as long as it likes. Go's
-``http.Server.ReadHeaderTimeout`` is the remedy this copies: from the moment a connection is
-accepted, or the first byte of a following request arrives, the whole head
-(request line and headers, up to the blank line) must be in within the deadline, or the
-connection is closed without an answer.
+* **Read-header deadline.** aiohttp's ``keepalive_timeout`` closes a connection that sends
+  nothing, but its timer is cancelled by the first byte of a request: a client that dribbles a
+  header byte a second (a slowloris) would keep its connection for as long as it likes. As Go's
+  ``http.Server.ReadHeaderTimeout`` does, the whole head (request line and headers, up to the
+  blank line) must be in within the deadline from the connection's start or from the first byte
+  of a following request, or the connection is closed without an answer.
+* **Head size.** A head larger than the bound is answered ``431`` and the connection closed,
+  before aiohttp parses it and so before any authentication: aiohttp alone accepts 128 lines of
+  8 KiB each and holds every byte while it waits for the rest.
+* **Write deadline.** When the transport's buffer is full (``pause_writing``) and stays full
+  longer than the deadline, the client is not reading: the connection is aborted, whatever the
+  answer (a whole page, a streamed one, a pipelined queue of them), and the kernel frees the
+  socket's buffers.
 
-It is a thin protocol wrapped around aiohttp's own, so it relies on nothing inside aiohttp
-(the same code works from aiohttp 3.9 to 3.14): it watches the bytes go by for the blank line
-that ends a head and passes everything through untouched. Bytes after a head that are not a
-new request (a request body) start a deadline too; Aegis answers GET and HEAD only, and a
-body it never reads is no reason to keep a connection. Waiting between requests is bounded by
-aiohttp's ``keepalive_timeout`` (``--web.idle-timeout``).
+It is a thin protocol wrapped around aiohttp's own, so it relies on nothing inside aiohttp: it
+watches the bytes go by for the blank line that ends a head and passes everything through
+untouched. Bytes after a head that are not a new request (a request body) count as a head too;
+Aegis answers GET and HEAD only, and a body it never reads is no reason to keep a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
-__all__ = ["HeadTimeout"]
+from .accept import Connections
+
+__all__ = ["ConnectionBounds", "Guard"]
 
 log = logging.getLogger("aegis.server")
 
 _END_OF_HEAD = b"\r\n\r\n"
+# After a 431, what the client still sends is read and dropped for a moment (at most this much):
+# closing with unread bytes would make the kernel reset the connection, and the reset can reach
+# the client before it has read the answer.
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1 << 20
+# An unfinished head larger than this makes the memory be given back after the connection.
+_HEAVY_HEAD = 16 * 1024
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
 
 
-class HeadTimeout(asyncio.Protocol):
-    """Wraps one connection's protocol; closes the transport when a head is late."""
+@dataclass(frozen=True, slots=True)
+class ConnectionBounds:
+    """What each client connection may take; see the module's description."""
 
-    __slots__ = ("_inner", "_tail", "_timeout", "_timer", "_transport")
+    #: Seconds from accept (or a request's first byte) to the end of its head.
+    read_header_timeout: float = 10.0
+    #: Bytes of one request head (request line, headers, blank line); past it, 431.
+    max_head_bytes: int = 64 * 1024
+    #: Seconds a full write buffer may wait for the client to read.
+    write_timeout: float = 30.0
 
-    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+
+def _answer_431(limit: int) -> bytes:
+    body = f"request head larger than {limit} bytes\n".encode()
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Guard(asyncio.Protocol):
+    """Wraps one connection's protocol and enforces :class:`ConnectionBounds` on it."""
+
+    __slots__ = (
+        "_bounds",
+        "_head_bytes",
+        "_heads",
+        "_heavy",
+        "_inner",
+        "_live",
+        "_refused",
+        "_tail",
+        "_timer",
+        "_transport",
+        "_write_timer",
+    )
+
+    def __init__(
+        self, inner: asyncio.Protocol, bounds: ConnectionBounds, live: Connections | None = None
+    ) -> None:
         self._inner = inner
-        self._timeout = timeout
+        self._bounds = bounds
+        self._live = live
         self._timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._tail = b""  # the last bytes of a head in progress: the blank line may be split
+        self._head_bytes = 0  # of the head in progress
+        self._heads = 0  # complete heads passed on to aiohttp
+        self._refused = -1  # bytes dropped since a 431, or -1
+        self._heavy = False  # held a large unfinished head at some point
 
     @classmethod
     def factory(
-        cls, inner: Callable[[], asyncio.Protocol], timeout: float
+        cls,
+        inner: Callable[[], asyncio.Protocol],
+        bounds: ConnectionBounds,
+        live: Connections | None = None,
     ) -> Callable[[], asyncio.Protocol]:
-        return lambda: cls(inner(), timeout)
+        """A protocol factory; ``live`` (if given) holds every connection open at the moment."""
+        return lambda: cls(inner(), bounds, live)
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + self._timeout, self._expired)
+        self._timer = loop.call_at(loop.time() + self._bounds.read_header_timeout, self._late)
         self._tail = b""
+        self._head_bytes = 0
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _expired(self) -> None:
+    def _late(self) -> None:
         self._timer = None
         if self._transport is not None:
-            log.debug("closing a connection whose request head took over %.3g s", self._timeout)
+            log.debug(
+                "closing a connection whose request head took over %.3g s",
+                self._bounds.read_header_timeout,
+            )
             self._transport.abort()  # nothing to flush: the client has not asked anything yet
+
+    def _not_reading(self) -> None:
+        self._write_timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        log.debug(
+            "closing a connection that read nothing of its answer for %.3g s",
+            self._bounds.write_timeout,
+        )
+        # A plain close() leaves the unsent bytes with the kernel, which keeps the socket (and
+        # its buffers) while it probes a zero window for minutes; a reset frees them at once.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        transport.abort()
+
+    def _too_large(self) -> None:
+        """Answer 431 on a connection's first request; close after the answers in progress
+        on a later one."""
+        self._disarm()
+        transport = self._transport
+        if transport is None:
+            return
+        limit = self._bounds.max_head_bytes
+        self._refused = 0
+        if self._heads:
+            # An earlier request may still be being answered: a 431 written now could land in
+            # the middle of that answer. aiohttp's handler closes the connection once it has
+            # answered what it already has (RequestHandler.close); a plain protocol, at once.
+            log.debug("closing a connection whose request head is over %d bytes", limit)
+            close = getattr(self._inner, "close", None)
+            if callable(close):
+                close()
+            else:
+                transport.close()
+            return
+        log.debug("431: a request head over %d bytes", limit)
+        transport.write(_answer_431(limit))
+        if transport.can_write_eof():
+            transport.write_eof()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + _LINGER_SECONDS, transport.abort)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
+        if self._live is not None:
+            self._live.add(self)
         self._arm()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused >= 0:
+            self._refused += len(data)
+            if self._refused > _LINGER_BYTES and self._transport is not None:
+                self._transport.abort()
+            return
         if self._timer is None:
-            if data.endswith(_END_OF_HEAD):
+            if data.endswith(_END_OF_HEAD) and len(data) <= self._bounds.max_head_bytes:
                 # The usual scrape: a whole request in one read. Nothing is left pending, so
                 # there is no deadline to set and cancel.
+                self._heads += 1
                 self._inner.data_received(data)
                 return
             self._arm()  # the first byte of a new request
-        seen = self._tail + data if self._tail else data
-        end = seen.rfind(_END_OF_HEAD)
-        if end < 0:
-            self._tail = seen[-3:]
-        elif end + 4 == len(seen):
+        complete = self._count(data)
+        if complete < 0:
+            self._inner.data_received(data)
+            return
+        if complete:
+            self._inner.data_received(data[:complete])  # the heads before the one too large
+        self._too_large()
+
+    def _count(self, data: bytes) -> int:
+        """Follow the heads in ``data``: -1 if all is well, else how many of its bytes came
+        before the head that is over the bound."""
+        limit = self._bounds.max_head_bytes
+        carried = len(self._tail)  # already counted in _head_bytes
+        seen = self._tail + data if carried else data
+        size = self._head_bytes
+        start = 0
+        while (found := seen.find(_END_OF_HEAD, start)) >= 0:
+            end = found + len(_END_OF_HEAD)
+            size += end - max(start, carried)
+            if size > limit:
+                return max(start - carried, 0)
+            self._heads += 1
+            size = 0
+            start = end
+        size += len(seen) - max(start, carried)
+        if size > limit:
+            return max(start - carried, 0)
+        if start == len(seen):
             self._disarm()  # every head so far is complete: the handler takes it from here
-        else:
+        elif start > 0:
             self._arm()  # a pipelined request has begun behind the complete one
-            self._tail = seen[-3:]
-        self._inner.data_received(data)
+            size = len(seen) - start
+        self._head_bytes = size
+        self._tail = seen[-3:]
+        if size > _HEAVY_HEAD:
+            self._heavy = True
+        return -1
 
     def eof_received(self) -> bool | None:
+        if self._refused >= 0:
+            return False
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._transport = None
+        if self._live is not None:
+            self._live.discard(self)
+            if self._heavy or self._refused >= 0:
+                self._live.release_later()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        if self._write_timer is None:
+            loop = asyncio.get_running_loop()
+            self._write_timer = loop.call_at(
+                loop.time() + self._bounds.write_timeout, self._not_reading
+            )
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._inner.resume_writing()

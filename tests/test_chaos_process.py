@@ -1,0 +1,295 @@
+"""The real ``aegis`` with two workers under process- and connection-level abuse.
+
+Each test ends with the invariants: no 500 was answered, no traceback in the log, and (where
+the test did not stop it) Aegis still serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import re
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
+
+from conftest import Upstreams
+
+pytestmark = needs_aegis
+
+PAGE = "chaos_value 1\n"
+_TCP_INFO_STATE = struct.Struct("B")
+_TCP_CLOSE = 7
+
+
+async def start(children: Children, sockdir: Path, *flags: str) -> tuple[Aegis, int]:
+    aegis, port = await children.serve(sockdir, "--workers", "2", *flags)
+    await aegis.wait_for_output("2 workers: ")
+    return aegis, port
+
+
+async def assert_invariants(aegis: Aegis, port: int | None) -> None:
+    """Still answering (if ``port``), never a 500, never a traceback."""
+    if port is not None:
+        assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, PAGE.encode())
+        status, page = await fresh_get(f"http://127.0.0.1:{port}/-/metrics")
+        assert status == 200
+        assert 'code="500"' not in page.decode()
+    out = aegis.output()
+    assert "Traceback" not in out, out
+    assert "Error handling request" not in out, out
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_a_second_instance_on_the_same_address_exits_1(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    first, port = await start(children, sockdir)
+    second = children.start(
+        "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"
+    )
+    assert await second.wait(within=30) == 1, second.output()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.output()
+    # Nor can any other program join the port, SO_REUSEPORT or not.
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError, match="Address already in use") as refused:
+            stranger.bind(("127.0.0.1", port))
+        assert refused.value.errno == errno.EADDRINUSE
+    # Every answer comes from the first instance (there is no other).
+    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
+    assert answers == [(200, PAGE.encode())] * 20
+    await assert_invariants(first, port)
+
+
+async def test_unfinished_heads_get_431_and_the_memory_comes_back(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    aegis, port = await start(children, sockdir, "--web.read-header-timeout=60s")
+    processes = [aegis.pid, *worker_pids(aegis.pid)]
+    await assert_invariants(aegis, port)
+    baseline = rss_kib(processes)
+    line = b"X-Filler: " + b"f" * 8000 + b"\r\n"
+    clients = 400
+
+    async def unfinished() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /svc HTTP/1.1\r\nHost: aegis\r\n" + line * 7)  # 56 KB, no end
+        await writer.drain()
+        return reader, writer
+
+    async with asyncio.timeout(60):
+        opened = await asyncio.gather(*(unfinished() for _ in range(clients)))
+    try:
+        await asyncio.sleep(1.0)
+        holding = rss_kib(processes)
+        # Each connection costs about the bytes it sent, not megabytes.
+        assert holding - baseline < clients * 256, (baseline, holding)
+        for _, writer in opened:
+            writer.write(line * 2)  # past 64 KiB
+        async with asyncio.timeout(60):
+            answers = await asyncio.gather(*(reader.read(-1) for reader, _ in opened))
+    finally:
+        for _, writer in opened:
+            writer.close()
+    assert all(a.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n") for a in answers)
+    assert answers[0].endswith(b"\r\n\r\nrequest head larger than 65536 bytes\n")
+    deadline = time.monotonic() + 20
+    while (after := rss_kib(processes)) - baseline > 16 * 1024:
+        assert time.monotonic() < deadline, f"RSS {after} KiB, {baseline} KiB before"
+        await asyncio.sleep(0.2)
+    await assert_invariants(aegis, port)
+
+
+def server_side_peers(port: int) -> set[int]:
+    """The remote ports of the kernel's sockets whose local port is ``port`` (/proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote = line.split()[1:3]
+        if int(local.rpartition(":")[2], 16) == port:
+            found.add(int(remote.rpartition(":")[2], 16))
+    return found
+
+
+def tcp_state(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_STATE.size)
+    return int(_TCP_INFO_STATE.unpack(info)[0])
+
+
+async def test_clients_that_never_read_are_cut_at_the_write_deadline(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    aegis, port = await start(children, sockdir, "--web.write-timeout=2s")
+    workers = worker_pids(aegis.pid)
+    for _ in range(4):  # each worker opens its metric files on its first scrapes
+        await assert_invariants(aegis, port)
+    fds_before = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers)
+    request = b"GET /-/metrics HTTP/1.1\r\nHost: aegis\r\n\r\n"
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port))
+            # A small receive buffer, never read: the answers pile up on Aegis's side.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(request * 2000)
+            readers.append(sock)
+        started = time.monotonic()
+        while not all(tcp_state(sock) == _TCP_CLOSE for sock in readers):
+            assert time.monotonic() - started < 30, [tcp_state(s) for s in readers]
+            await asyncio.sleep(0.2)
+        # The kernel holds no socket of these connections on Aegis's side, in any state (a
+        # plain close would leave each in FIN-WAIT-1 with its unsent answers for minutes).
+        peers = {sock.getsockname()[1] for sock in readers}
+        assert not peers & server_side_peers(port)
+        # The workers gave back their descriptors.
+        deadline = time.monotonic() + 10
+        while sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) > fds_before + 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    finally:
+        for sock in readers:
+            sock.close()
+    assert worker_pids(aegis.pid) == workers
+    await assert_invariants(aegis, port)
+
+
+async def test_sighup_neither_stops_the_supervisor_nor_a_worker(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    aegis, port = await start(children, sockdir)
+    workers = worker_pids(aegis.pid)
+    aegis.popen.send_signal(signal.SIGHUP)
+    await aegis.wait_for_output("supervisor: SIGHUP ignored")
+    os.kill(workers[0], signal.SIGHUP)
+    await aegis.wait_for_output("worker: SIGHUP ignored")
+    await assert_invariants(aegis, port)
+    assert worker_pids(aegis.pid) == workers
+    assert await aegis.stop() == 0
+    assert len(re.findall(r"worker \d+ stopped: ", aegis.output())) == 2
+
+
+@pytest.mark.parametrize("where", ["tmp", "runtime"])
+async def test_workers_of_a_killed_supervisor_exit_and_leave_nothing_behind(
+    where: str, children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = f"TMPDIR={scratch}" if where == "tmp" else f"RUNTIME_DIRECTORY={scratch}"
+    unix = tmp_path / "aegis.sock"
+    aegis = children.start(
+        "--web.listen-address",
+        f"unix:{unix}",
+        "-sockdir",
+        str(sockdir),
+        "--workers",
+        "2",
+        prefix=["env", env],
+    )
+    await aegis.wait_for_output("2 workers: ")
+    await aegis.ready(None, unix)
+    workers = worker_pids(aegis.pid)
+    assert len(workers) == 2
+    assert list(scratch.iterdir()), "no metrics directory"
+    aegis.popen.kill()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers still running:\n{aegis.output()}"
+        await asyncio.sleep(0.1)
+    assert not unix.exists()
+    assert list(scratch.iterdir()) == []
+    out = aegis.output()
+    assert re.search(r"worker \d+: the supervisor \d+ is gone", out), out
+    await assert_invariants(aegis, None)
+
+
+async def test_a_tmp_metrics_directory_left_by_a_killed_aegis_goes_at_the_next_start(
+    children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # What every process killed at once leaves: the directory of a pid that no longer runs.
+    done = await asyncio.create_subprocess_exec("true")
+    await done.wait()
+    gone = done.pid
+    stale = scratch / f"aegis-metrics-{gone}-x1"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"\0" * 16)
+    unrelated = scratch / "aegis-metrics-notapid-x2"
+    unrelated.mkdir()
+    port_aegis = children.start(
+        "-hostport",
+        "127.0.0.1:0",
+        "-sockdir",
+        str(sockdir),
+        "--workers",
+        "2",
+        prefix=["env", f"TMPDIR={scratch}"],
+    )
+    await port_aegis.wait_for_output("2 workers: ")
+    assert not stale.exists()
+    assert unrelated.exists()
+    assert await port_aegis.stop() == 0
+    assert sorted(p.name for p in scratch.iterdir()) == [unrelated.name]
+
+
+def limits_of(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-files line in /proc/{pid}/limits")
+
+
+async def test_the_open_files_limit_is_raised_to_the_hard_limit_and_reported(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    _, hard = limits_of(os.getpid())
+    soft = min(512, hard)
+    port = free_port()
+    aegis = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        prefix=["sh", "-c", f'ulimit -Sn {soft} && exec "$0" "$@"'],
+    )
+    await aegis.ready("127.0.0.1", port)
+    await aegis.wait_for_output("2 workers: ")
+    for pid in [aegis.pid, *worker_pids(aegis.pid)]:
+        assert limits_of(pid) == (hard, hard)
+    status, page = await fresh_get(f"http://127.0.0.1:{port}/-/metrics")
+    assert status == 200
+    reported = re.search(rb"^process_max_fds ([0-9.e+]+)$", page, re.MULTILINE)
+    assert reported is not None, page
+    assert float(reported.group(1)) == hard
+    await assert_invariants(aegis, port)
