@@ -714,16 +714,24 @@ def exposing(paths: list[Path], hold: Path) -> list[str]:
     return lines
 
 
-def private_tmp(keep: Path) -> list[str]:
-    """Shell lines that give the namespace an empty /tmp of its own, as the build has, with
-    ``keep`` (under the host's /tmp) still in place; /mnt holds it meanwhile."""
-    quoted = shlex.quote(str(keep))
-    return [
-        f"mount --bind {quoted} /mnt",
-        "mount -t tmpfs -o mode=1777 tmpfs /tmp",
-        f"mkdir -p {quoted}",
-        f"mount --move /mnt {quoted}",
-    ]
+def private_tmp(keep: list[Path]) -> list[str]:
+    """Shell lines that give the namespace an empty /tmp of its own, as the build has, with each
+    of ``keep`` that lies under the host's /tmp (the build directory; the checkout and its
+    virtual environment, where CI cloned into /tmp) still in place; a tmpfs on /mnt holds them
+    meanwhile."""
+    tmp = Path("/tmp")
+    inside = [path for path in dict.fromkeys(keep) if path.is_relative_to(tmp)]
+    # A path under another one that is kept comes along with it.
+    outer = [p for p in inside if not any(p != o and p.is_relative_to(o) for o in inside)]
+    lines = ["mount -t tmpfs -o mode=0700 tmpfs /mnt"]
+    for n, path in enumerate(outer):
+        lines += [f"mkdir /mnt/{n}", f"mount --bind {shlex.quote(str(path))} /mnt/{n}"]
+    lines.append("mount -t tmpfs -o mode=1777 tmpfs /tmp")
+    for n, path in enumerate(outer):
+        quoted = shlex.quote(str(path))
+        # The directories above it are root's 0755, as /build's parents are.
+        lines += [f"mkdir -p {quoted}", f"mount --move /mnt/{n} {quoted}"]
+    return lines
 
 
 @dataclass
@@ -801,7 +809,7 @@ def test_the_check_phase_passes_on_exactly_the_packaged_files(
     needed = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), bin_dir.resolve()]
     needed.append(Path(aegis.__file__).resolve().parent.parent)
     sandbox = Sandbox(
-        exposing(needed, hold) + private_tmp(build_dir),
+        exposing(needed, hold) + private_tmp([build_dir, *needed]),
         {
             # preCheck puts the package's bin first on PATH; prometheus and promtool follow.
             "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
