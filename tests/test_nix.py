@@ -33,8 +33,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -608,6 +610,12 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         ".ci/run": "",
         ".gitignore": "",
         ".ci/other": "",
+        # What `pip install -e` and running the tests leave in a checkout that is not a flake's
+        # source (a flake's holds only what git tracks): callPackage on it must not take them.
+        "pkgs/aegis/aegis.egg-info/PKG-INFO": "",
+        "pkgs/aegis/aegis/__pycache__/__init__.cpython-311.pyc": "",
+        "pkgs/aegis/build/lib/aegis/__init__.py": "",
+        "tests/__pycache__/conftest.cpython-311.pyc": "",
     }.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
@@ -808,11 +816,21 @@ def test_the_check_phase_passes_on_exactly_the_packaged_files(
     bin_dir = Path(AEGIS).parent
     needed = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), bin_dir.resolve()]
     needed.append(Path(aegis.__file__).resolve().parent.parent)
+    # Nix runs the plain interpreter and finds the package and every dependency through
+    # PYTHONPATH (the installed package's site-packages and each dependency's): so does this
+    # copy, with the virtual environment's site-packages and the installed package's directory
+    # (an editable install's .pth file is not read from PYTHONPATH). A test that replaced
+    # PYTHONPATH for a child would lose the dependencies here as in the build.
+    python = getattr(sys, "_base_executable", sys.executable)
+    found = dict.fromkeys(
+        [sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), str(needed[-1])]
+    )
     sandbox = Sandbox(
         exposing(needed, hold) + private_tmp([build_dir, *needed]),
         {
             # preCheck puts the package's bin first on PATH; prometheus and promtool follow.
             "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+            "PYTHONPATH": os.pathsep.join(found),
             "HOME": "/homeless-shelter",
             # As short as the build's /build: Unix socket paths under it are near their limit.
             "TMPDIR": "/tmp",
@@ -820,12 +838,12 @@ def test_the_check_phase_passes_on_exactly_the_packaged_files(
         },
     )
 
-    where = sandbox.run([sys.executable, "-c", "import aegis; print(aegis.__file__)"], cwd)
+    where = sandbox.run([python, "-c", "import aegis; print(aegis.__file__)"], cwd)
     assert where.returncode == 0, where.stderr
     assert not Path(where.stdout.strip()).is_relative_to(build_dir), "the copy shadows aegis"
 
     # The check phase's pytest command; -q and -rs only shorten the output and list the skips.
-    argv = [sys.executable, "-m", "pytest", *drv["pytestFlags"], "-q", "-rs"]
+    argv = [python, "-m", "pytest", *drv["pytestFlags"], "-q", "-rs"]
     result = sandbox.run([*argv, *drv["enabledTestPaths"]], cwd)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
@@ -888,6 +906,16 @@ def test_flake_outputs_are_wired_for_each_system(flake: Any) -> None:
     assert flake["aegisSource"] == str(REPO / "pkgs" / "aegis")
     assert flake["vmImports"] == [str(REPO / "nixos-tests" / "aegis.nix")]
     assert flake["nixosModules"] == ["aegis", "default"]
+
+
+def test_dev_shell_has_what_the_suite_imports(flake: Any) -> None:
+    """``nix develop`` then ``python -m pytest tests``: the package's dependencies (from its
+    Nix expression) and the test extras pyproject.toml lists, with the checkout importable."""
+    project = tomllib.loads((REPO / "pkgs" / "aegis" / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    names = {re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower() for spec in wanted}
+    assert sorted(flake["devShell"]["pythonPackages"]) == sorted(names)
+    assert 'PYTHONPATH="$PWD/pkgs/aegis' in flake["devShell"]["shellHook"]
 
 
 def test_overlay_adds_the_library_and_the_application(flake: Any) -> None:
