@@ -81,6 +81,7 @@
                 ps:
                 (ps.callPackage ./pkgs/aegis { }).dependencies
                 ++ [
+                  ps.hypothesis
                   ps.pytest
                   ps.pytest-aiohttp
                   ps.trustme
@@ -92,6 +93,12 @@
               pkgs.prometheus.cli
               pkgs.ruff
             ];
+            # The tests import aegis from the checkout being edited; the
+            # command-line tests, which start an installed `aegis`, skip
+            # and say so (the README's venv, or `nix build`, has one).
+            shellHook = ''
+              export PYTHONPATH="$PWD/pkgs/aegis''${PYTHONPATH:+:$PYTHONPATH}"
+            '';
           };
         }
       );

@@ -34,9 +34,36 @@ let
   stubPkgs = system: {
     stdenv.hostPlatform.system = system;
     python3Packages = pythonPackagesFor system;
-    python3.withPackages = f: stub "python-env" { };
+    # Each Python package as its attribute name, so the shell's list can be read back.
+    python3.withPackages =
+      f:
+      stub "python-env" {
+        pythonPackages = f (
+          lib.genAttrs [ "hypothesis" "pytest" "pytest-aiohttp" "trustme" ] lib.id
+          // {
+            # The real package expression, each of its arguments its own name.
+            callPackage =
+              path: args:
+              let
+                package = import path;
+              in
+              package (
+                lib.mapAttrs (name: _: name) (lib.functionArgs package)
+                // {
+                  inherit lib;
+                  buildPythonPackage = lib.id;
+                }
+              );
+          }
+        );
+      };
     testers.runNixOSTest = test: stub "vm-${system}" { testImports = map toString test.imports; };
-    mkShell = attrs: stub "shell-${system}" { };
+    mkShell =
+      attrs:
+      stub "shell-${system}" {
+        pythonPackages = lib.concatMap (p: p.pythonPackages or [ ]) attrs.packages;
+        shellHook = attrs.shellHook or "";
+      };
     nixfmt-tree = stub "nixfmt-tree" { };
     prometheus = stub "prometheus" { cli = stub "prometheus-cli" { }; };
     ruff = stub "ruff" { };
@@ -98,6 +125,9 @@ in
   vmImports = self.checks.x86_64-linux.vm.testImports;
   formatter = lib.mapAttrs (_: drv: drv.name) self.formatter;
   nixosModules = lib.attrNames self.nixosModules;
+  devShell = {
+    inherit (self.devShells.x86_64-linux.default) pythonPackages shellHook;
+  };
   inherit overlay;
   moduleExecStart = moduleWithoutOverlay.service.serviceConfig.ExecStart;
 }
