@@ -31,18 +31,31 @@ let
   # editing them does not rebuild the package, and so are tests/test_nix.py
   # and tests/test_systemd.py, which check those Nix files and need tools
   # (nix-instantiate, root, systemd-nspawn) the build sandbox does not have.
+  # Bytecode the tests leave beside the sources.
+  bytecode = lib.fileset.fileFilter (file: file.hasExt "pyc");
   src = lib.fileset.toSource {
     root = ../..;
     fileset = lib.fileset.unions [
       ../../README.md
       ../../.ci/run
       ../../.gitignore
-      (lib.fileset.difference ./. ./default.nix)
+      (lib.fileset.difference ./. (
+        lib.fileset.unions [
+          ./default.nix
+          # What `pip install -e` leaves in a checkout: a flake's source holds
+          # only what git tracks, but callPackage on a checkout takes the
+          # directory as it is.
+          (lib.fileset.maybeMissing ./aegis.egg-info)
+          (lib.fileset.maybeMissing ./build)
+          (bytecode ./.)
+        ]
+      ))
       (lib.fileset.difference ../../tests (
         lib.fileset.unions [
           ../../tests/test_nix.py
           ../../tests/test_systemd.py
           (lib.fileset.fileFilter (file: file.hasExt "nix") ../../tests)
+          (bytecode ../../tests)
         ]
       ))
     ];
