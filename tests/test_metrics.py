@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from aegisrun import free_port
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -290,6 +292,49 @@ async def test_openmetrics_when_the_scraper_asks_for_it(
     # The same values as the text format gives a scraper that asks for nothing in particular.
     plain = await scrape(client)
     assert value(plain, "aegis_requests_total", target="good", code="200") == 1
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text; version=a",
+        "application/openmetrics-text; version=1.x.0",
+        "text/plain; version=a",
+        "text/plain; version=0.a",
+    ],
+)
+async def test_an_unreadable_version_is_passed_over_not_a_500(
+    aegis: AegisFactory, accept: str
+) -> None:
+    client = await aegis()
+    response = await client.get("/-/metrics", headers={"Accept": accept})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    # The ranges beside it still count.
+    both = f"{accept}, application/openmetrics-text; version=1.0.0"
+    response = await client.get("/-/metrics", headers={"Accept": both})
+    assert response.headers["Content-Type"].startswith("application/openmetrics-text; ")
+    assert (await response.text()).endswith("# EOF\n")
+
+
+_MEDIA = st.sampled_from(["application/openmetrics-text", "text/plain", "*/*", "text/*", "x"])
+_PARAM = st.tuples(
+    st.sampled_from(["version", "escaping", "q", "charset", ""]),
+    st.text(alphabet="0123456789.-ax_ ", max_size=8),
+)
+_RANGE = st.tuples(_MEDIA, st.lists(_PARAM, max_size=3)).map(
+    lambda item: ";".join([item[0], *(f"{key}={value}" for key, value in item[1])])
+)
+
+
+@given(st.lists(_RANGE, max_size=4).map(",".join))
+def test_any_accept_header_gets_an_exposition(accept: str) -> None:
+    from aegis.metrics import _choose_encoder
+
+    registry = CollectorRegistry()
+    encoder, content_type = _choose_encoder(accept)
+    assert content_type.startswith(("text/plain", "application/openmetrics-text"))
+    assert isinstance(encoder(registry), bytes)
 
 
 @pytest.mark.parametrize(

@@ -152,13 +152,30 @@ def _cache(children: dict[_K, _C], key: _K, labels: Callable[..., _C]) -> _C:
 async def serve_metrics(request: web.Request, registry: CollectorRegistry) -> web.Response:
     """The registry in the format the scraper asks for in ``Accept`` (OpenMetrics or the text
     format), gzipped if it accepts that, as prometheus_client's own exporters answer."""
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    encoder, content_type = _choose_encoder(request.headers.get("Accept", ""))
     body = encoder(registry)
     headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
     if gzip_accepted(request.headers.get("Accept-Encoding", "")):
         body = gzip.compress(body, compresslevel=6)
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
+
+
+def _choose_encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """prometheus_client's choice, with the ranges it cannot read left out: it compares a
+    version such as ``a`` or ``1.x`` with numbers and raises (a 500 for any client)."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder(",".join(filter(_readable, accept.split(","))))
+
+
+def _readable(media_range: str) -> bool:
+    try:
+        choose_encoder(media_range)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class _TargetsCollector(Collector):
