@@ -4,6 +4,7 @@ with the real ``aegis`` command."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -368,3 +369,41 @@ def test_label_children_cached_per_target_stay_bounded() -> None:
     assert requests("gone-0") == requests(f"gone-{last}") == 1
     metrics.request("gone-0", 200)  # a dropped child is found again, not duplicated
     assert requests("gone-0") == 2
+
+
+@needs_aegis
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop CAP_DAC_OVERRIDE")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+async def test_a_listable_unsearchable_directory_of_links_fails_discovery(
+    upstreams: Upstreams, sockdir: Path, tmp_path: Path, children: Children
+) -> None:
+    """Links are told apart by the listing alone, without the search permission their stat
+    needs: an empty list would make Prometheus drop every target."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    await upstreams.metrics(elsewhere / "svc.sock", "svc 1\n")
+    (sockdir / "svc.sock").symlink_to(elsewhere / "svc.sock")
+    port = free_port()
+    aegis = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
+        prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
+    )
+    await aegis.ready("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    status, listed = await fresh_get(f"{url}/-/sd")
+    assert (status, [group["labels"]["target"] for group in json.loads(listed)]) == (200, ["svc"])
+    os.chmod(sockdir, 0o444)
+    assert await fresh_get(f"{url}/-/sd") == (
+        503,
+        f"socket directory unavailable: {sockdir}: permission denied\n".encode(),
+    )
+    status, metrics = await fresh_get(f"{url}/-/metrics")
+    assert value(metrics.decode(), "aegis_socket_directory_up") == 0
+    assert "aegis_targets " not in metrics.decode()
+    assert (await fresh_get(f"{url}/svc"))[0] == 503
+    os.chmod(sockdir, 0o111)  # searchable, not listable: what it names is reached, no list
+    assert (await fresh_get(f"{url}/-/sd"))[0] == 503
+    assert await fresh_get(f"{url}/svc") == (200, b"svc 1\n")
+    os.chmod(sockdir, 0o755)
+    assert (await fresh_get(f"{url}/-/sd"))[0] == 200
+    assert await aegis.stop() == 0

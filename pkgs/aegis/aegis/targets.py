@@ -335,6 +335,11 @@ class Targets:
                         sockets.append(name[: -len(SOCKET_SUFFIX)])
         except OSError as exc:
             raise DirectoryUnavailable(f"{self._sockdir}: {_describe(exc)}") from None
+        # A directory that may be listed but not searched: its plain entries fail their stat
+        # above, but links are told by the listing alone, and each one's stat failing was
+        # taken for a dangling link: a list of links would come out empty instead of failing.
+        if (problem := directory_problem(self._sockdir)) is not None:
+            raise DirectoryUnavailable(problem)
         return _Listing(key, frozenset(sockets), tuple(links))
 
 
