@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aegisrun import Children, needs_aegis
 from hypothesis import given
 from hypothesis import strategies as st
 
 from aegis.logs import JSONFormatter, LogfmtFormatter, RateLimited, configure, logfmt_value
+from conftest import raw_http
 
 _GO_UNESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 _PAIR = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
@@ -221,3 +223,37 @@ def test_rate_limited_lines_count_what_they_held_back(caplog: pytest.LogCaptureF
     ]
     # The line's source is where the event happened, not the limiter.
     assert {r.filename for r in caplog.records} == {"test_logs.py"}
+
+
+MALFORMED = [
+    b"GET /x HTTP/1.1\r\nHost: x\r\nX Y: 1\r\n\r\n",  # a space in a header name
+    b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",  # NUL in a value
+    b"GET /x HTTP/1.2\r\nHost: x\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x00\x05hello\r\n\r\n",  # TLS to a plain listener
+]
+
+
+@needs_aegis
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_malformed_requests_are_answered_400_and_never_logged_as_errors(
+    sockdir: Path, children: Children, level: str
+) -> None:
+    """Any client can send them, as fast as it likes: a traceback each would drown the log."""
+    aegis, port = await children.serve(sockdir, "--log.level", level)
+    for request in MALFORMED * 5:
+        answer = await raw_http(port, request)
+        assert answer == b"" or answer.split(b" ", 2)[1] == b"400", answer
+    assert await aegis.stop() == 0
+    log = aegis.output()
+    assert "Traceback" not in log, log
+    assert "level=error" not in log, log
+    lines = [line for line in log.splitlines() if 'msg="malformed request"' in line]
+    if level == "info":
+        assert lines == []
+    else:
+        assert len(lines) >= 5 * (len(MALFORMED) - 1), log
+        assert all("level=debug" in line and "client=127.0.0.1" in line for line in lines)
+        assert all("status=400" in line for line in lines)

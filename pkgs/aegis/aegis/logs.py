@@ -14,8 +14,9 @@ Levels are written lower-case, as promslog's go-kit style and ``--log.level`` sp
 renamed ``logged_KEY``, as promslog does, so no key appears twice.
 
 :func:`configure` is for programs (the ``aegis`` command); the library only logs.
-:class:`RateLimited` keeps a flood (refused credentials, failed TLS handshakes) to one line per
-interval that counts what it left out.
+:class:`MalformedRequests` turns aiohttp's traceback for each request it cannot parse into
+a debug line. :class:`RateLimited` keeps a flood (refused credentials, failed TLS handshakes)
+to one line per interval that counts what it left out.
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
-__all__ = ["FORMATS", "LEVELS", "JSONFormatter", "LogfmtFormatter", "RateLimited", "configure"]
+from aiohttp.http_exceptions import HttpProcessingError
+
+__all__ = [
+    "FORMATS",
+    "LEVELS",
+    "JSONFormatter",
+    "LogfmtFormatter",
+    "MalformedRequests",
+    "RateLimited",
+    "configure",
+]
 
 #: ``--log.level`` values, as Prometheus spells them, and what logging calls them.
 LEVELS: Mapping[str, int] = {
@@ -154,6 +165,24 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs each request it cannot parse as an error with a traceback: any client
+    could fill the log so. The client's mistake is answered 400 and logged as one debug line
+    (Go's servers log nothing); other errors pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        record.msg, record.args = "malformed request", ()
+        record.exc_info = record.exc_text = None
+        record.__dict__.update(client=client, status=exc.code, reason=exc.message)
+        # The logger's own level was checked against the original level.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:
     """Send every logger's records at ``level`` and above to ``stream`` (stderr) in ``fmt``."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
@@ -165,6 +194,9 @@ def configure(level: str, fmt: str, stream: TextIO | None = None) -> None:
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(known, MalformedRequests) for known in server.filters):
+        server.addFilter(MalformedRequests())
 
 
 class RateLimited:
