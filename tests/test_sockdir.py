@@ -19,13 +19,14 @@ import aiohttp
 import pytest
 from aegisrun import Children, free_port, fresh_get, needs_aegis
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheusrun import PROMETHEUS, Prometheus, Series
 from test_metrics import samples, scrape, value
 from test_targets import bind_anywhere
 
 from aegis import dirwatch
-from aegis.metrics import MAX_CACHED_CHILDREN, ProxyMetrics
+from aegis.metrics import MAX_CACHED_CHILDREN, MAX_TARGET_LABELS, OTHER_TARGETS, ProxyMetrics
 from aegis.targets import Target
 from conftest import AegisFactory, Upstreams
 
@@ -351,24 +352,62 @@ async def test_prometheus_keeps_its_targets_while_the_directory_is_gone(
 
 
 def test_label_children_cached_per_target_stay_bounded() -> None:
-    """Sockets that came and went keep their series (prometheus_client's), but the per-target
-    lookup caches in front of them do not grow with every name ever seen."""
+    """The per-target lookup caches in front of the series do not grow with every name ever
+    seen: a dropped child is found again, not duplicated."""
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, lambda: 0)
-    last = MAX_CACHED_CHILDREN + 10
-    for i in range(last + 1):
-        metrics.request(f"gone-{i}", 200)
-        metrics.upstream(f"gone-{i}", 0.01)
-        metrics.error(f"gone-{i}", "refused")
+    names = [f"gone-{i % MAX_TARGET_LABELS}-{i}" for i in range(MAX_CACHED_CHILDREN + 10)]
+    for name in names:
+        metrics.request(name, 200)
+        metrics.upstream(name, 0.01)
+        metrics.error(name, "refused")
     caches = (metrics._request_children, metrics._duration_children, metrics._error_children)
     assert all(0 < len(cache) <= MAX_CACHED_CHILDREN for cache in caches)
 
     def requests(target: str) -> float | None:
         return registry.get_sample_value("aegis_requests_total", {"target": target, "code": "200"})
 
-    assert requests("gone-0") == requests(f"gone-{last}") == 1
-    metrics.request("gone-0", 200)  # a dropped child is found again, not duplicated
-    assert requests("gone-0") == 2
+    assert requests(names[0]) == 1
+    metrics.request(names[0], 200)
+    assert requests(names[0]) == 2
+
+
+def test_target_label_values_are_bounded_and_the_rest_counted_together(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ten thousand stale sockets each asked for once, or services that come back under new
+    names for months: each name that got a label keeps its series for the life of the process,
+    so only so many get one."""
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry, lambda: 0)
+    names = [f"svc-{i}" for i in range(MAX_TARGET_LABELS + 500)]
+    with caplog.at_level(logging.WARNING, logger="aegis.metrics"):
+        for _ in range(2):
+            for name in names:
+                metrics.request(name, 502)
+                metrics.upstream(name, 0.01)
+                metrics.error(name, "refused")
+    metrics.request("", 404)  # a name that matched nothing is not one of them
+    text = generate_latest(registry).decode()
+    labelled = {
+        sample.labels["target"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "aegis_requests_total"
+    }
+    # "" comes first: it was never one of the bounded values.
+    assert labelled == {"", OTHER_TARGETS, *names[: MAX_TARGET_LABELS - 1]}
+    assert value(text, "aegis_requests_total", target=names[0], code="502") == 2
+    others = 2 * (len(names) - MAX_TARGET_LABELS + 1)
+    assert value(text, "aegis_requests_total", target=OTHER_TARGETS, code="502") == others
+    assert (
+        value(text, "aegis_upstream_errors_total", target=OTHER_TARGETS, kind="refused") == others
+    )
+    assert value(text, "aegis_upstream_duration_seconds_count", target=OTHER_TARGETS) == others
+    assert value(text, "aegis_requests_total", target="", code="404") == 1
+    warnings = [r for r in caplog.records if r.name == "aegis.metrics"]
+    assert len(warnings) == 1  # said once, not once per request
+    assert OTHER_TARGETS in warnings[0].getMessage()
 
 
 @needs_aegis

@@ -5,7 +5,9 @@ one, so several applications in one process (tests, or a program mounting Aegis)
 
 Label cardinality is bounded by what exists: ``target`` is the name of a target that resolved
 (a socket that was there, or an explicit target), and ``""`` for every request that named none —
-a flood of random names (404) or malformed ones (400) adds no series.
+a flood of random names (404) or malformed ones (400) adds no series. And by a number: a process
+gives out at most :data:`MAX_TARGET_LABELS` values, since a series lives as long as the process;
+targets past it share ``target="*"``.
 
 Several worker processes (``aegis --workers N``) each count their own requests, and a scrape
 lands on one of them. With ``multiprocess_dir`` the values live in prometheus_client's per-process
@@ -18,6 +20,7 @@ workers) is process-wide state, and belongs to the command line (:mod:`aegis.mul
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import platform
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -57,6 +60,16 @@ class _WorkersCollector(MultiProcessCollector):
     def describe(self) -> list[Metric]:
         return []
 
+
+#: Distinct ``target`` label values a process gives out: series live as long as the process
+#: (in every worker's multiprocess file), so sockets that come and go under new names, or ten
+#: thousand stale socket files each asked for once, must not grow them without end. Targets
+#: past it are counted together under :data:`OTHER_TARGETS`.
+MAX_TARGET_LABELS = 256
+#: The ``target`` label of the targets past :data:`MAX_TARGET_LABELS`: no target name can be it.
+OTHER_TARGETS = "*"
+
+log = logging.getLogger("aegis.metrics")
 
 #: Label children each cache keeps: the busy targets' lookups stay one dict access, while names
 #: that came and went cost no memory here (prometheus_client keeps their series, as it must).
@@ -115,6 +128,8 @@ class ProxyMetrics:
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._error_children: dict[tuple[str, str], Counter] = {}
+        self._labelled: set[str] = {""}  # "": the name matched no target
+        self._overflowed = False
         registry.register(_TargetsCollector(count_targets))
         registry.register(_BuildInfoCollector())
         if multiprocess_dir is None:
@@ -125,27 +140,52 @@ class ProxyMetrics:
     def request(self, target: str, code: int) -> None:
         child = self._request_children.get((target, code))
         if child is None:
-            child = _cache(self._request_children, (target, code), self._requests.labels)
+            child = _cache(
+                self._request_children,
+                (target, code),
+                self._requests.labels(self._label(target), code),
+            )
         child.inc()
 
     def upstream(self, target: str, seconds: float) -> None:
         child = self._duration_children.get(target)
         if child is None:
-            child = _cache(self._duration_children, target, self._duration.labels)
+            child = _cache(
+                self._duration_children, target, self._duration.labels(self._label(target))
+            )
         child.observe(seconds)
 
     def error(self, target: str, kind: str) -> None:
         child = self._error_children.get((target, kind))
         if child is None:
-            child = _cache(self._error_children, (target, kind), self._errors.labels)
+            child = _cache(
+                self._error_children, (target, kind), self._errors.labels(self._label(target), kind)
+            )
         child.inc()
 
+    def _label(self, target: str) -> str:
+        """``target`` as a label value: itself while fewer than :data:`MAX_TARGET_LABELS` have
+        been given out, else :data:`OTHER_TARGETS`. Looked up only when a child is not cached."""
+        if target in self._labelled:
+            return target
+        if len(self._labelled) < MAX_TARGET_LABELS:
+            self._labelled.add(target)
+            return target
+        if not self._overflowed:
+            self._overflowed = True
+            log.warning(
+                "more targets than the metrics label: the rest are counted as target=%r",
+                OTHER_TARGETS,
+                extra={"labelled": MAX_TARGET_LABELS, "target": target},
+            )
+        return OTHER_TARGETS
 
-def _cache(children: dict[_K, _C], key: _K, labels: Callable[..., _C]) -> _C:
-    """The child for ``key``, remembered; a full cache starts over rather than grow."""
+
+def _cache(children: dict[_K, _C], key: _K, child: _C) -> _C:
+    """``child`` remembered for ``key``; a full cache starts over rather than grow."""
     if len(children) >= MAX_CACHED_CHILDREN:
         children.clear()
-    child = children[key] = labels(*key) if isinstance(key, tuple) else labels(key)
+    children[key] = child
     return child
 
 
