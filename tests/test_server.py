@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
 
 from aegis.server import Listener
+from conftest import Upstreams
 
 
 @pytest.mark.parametrize(
@@ -215,3 +218,107 @@ async def test_pipelined_heads_are_bounded_one_by_one_not_together(children, soc
     closed = await send_in_pieces(port, head_of(600) + head_of(LIMIT + 1), 1 << 20)
     assert closed.count(b"HTTP/1.1 200 OK\r\n") == 1
     assert b" 431 " not in closed
+
+
+# --- pipelining: one answer queued at a time, head deadlines from the end of the answer ---
+
+#: A page the size of a real exporter's (the benchmark's is 33 KB), sent whole in one write.
+BIG_PAGE = b"".join(b'pipelined_value{n="%05d"} 1\n' % i for i in range(1000))
+
+
+class CountingUpstream:
+    """Answers every request with :data:`BIG_PAGE` at once and counts the requests: how far
+    Aegis has run ahead of a client that reads nothing."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(
+            BIG_PAGE
+        )
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                self.asked += 1
+                writer.write(head + BIG_PAGE)
+                await writer.drain()
+
+
+async def not_reading(port: int) -> socket.socket:
+    """A client connection with a small receive buffer (set before connecting, so the window
+    stays small) that the test does not read from until it says so."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def read_all(sock: socket.socket, within: float = 60.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    parts = []
+    async with asyncio.timeout(within):
+        while data := await loop.sock_recv(sock, 1 << 16):
+            parts.append(data)
+    return b"".join(parts)
+
+
+def pipelined(path: str) -> bytes:
+    return b"GET /%s HTTP/1.1\r\nHost: aegis\r\n\r\n" % path.encode()
+
+
+def pipelined_close(path: str) -> bytes:
+    return b"GET /%s HTTP/1.1\r\nHost: aegis\r\nConnection: close\r\n\r\n" % path.encode()
+
+
+@needs_aegis
+async def test_pipelined_scrapes_wait_for_the_client_to_read_the_answer_before(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    upstream = CountingUpstream()
+    await upstreams.raw(sockdir / "big.sock", upstream)
+    _, port = await children.serve(sockdir, "--workers", "1", "--web.idle-timeout=5s")
+    requests = 300  # 9 MB of answers, were they all queued
+    sock = await not_reading(port)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, pipelined("big") * (requests - 1) + pipelined_close("big"))
+        await asyncio.sleep(1.5)  # ample time to answer every one, were nothing holding it back
+        # About a megabyte is in the kernel's buffers and the transport's (high-water mark plus
+        # the answer being written): some twenty pages, not three hundred.
+        assert upstream.asked < 60, upstream.asked
+        answers = await read_all(sock)
+    finally:
+        sock.close()
+    # Held back, not dropped: every request is answered, in full, once the client reads.
+    assert upstream.asked == requests
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == requests
+    assert answers.count(BIG_PAGE) == requests
+
+
+@needs_aegis
+@pytest.mark.parametrize("path", ["-/metrics", "-/sd", ""])
+async def test_pipelined_own_pages_wait_for_the_client_to_read_too(
+    path: str, children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    upstream = CountingUpstream()
+    await upstreams.raw(sockdir / "big.sock", upstream)
+    # Many (dead) sockets make /-/sd and / pages of several KB, as on a real host.
+    for index in range(60):
+        with socket.socket(socket.AF_UNIX) as dead:
+            dead.bind(str(sockdir / f"exporter-with-a-long-name-{index:03d}.sock"))
+    _, port = await children.serve(sockdir, "--workers", "1", "--web.idle-timeout=5s")
+    sock = await not_reading(port)
+    loop = asyncio.get_running_loop()
+    requests = 400
+    try:
+        # The scrape at the end is reached only once every page before it is out.
+        await loop.sock_sendall(sock, pipelined(path) * requests + pipelined_close("big"))
+        await asyncio.sleep(1.5)
+        assert upstream.asked == 0
+        answers = await read_all(sock)
+    finally:
+        sock.close()
+    assert upstream.asked == 1
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == requests + 1

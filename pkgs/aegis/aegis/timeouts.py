@@ -102,7 +102,7 @@ class Guard(asyncio.Protocol):
         self._head_bytes = 0  # of the head in progress
         self._heads = 0  # complete heads passed on to aiohttp
         self._refused = -1  # bytes dropped since a 431, or -1
-        self._heavy = False  # held a large unfinished head at some point
+        self._heavy = False  # held a large unfinished head, or a full write buffer, at some point
 
     @classmethod
     def factory(
@@ -255,6 +255,10 @@ class Guard(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        # A full buffer holds up to an answer and the high-water mark: like a large head, it
+        # is given back to the system after the connection (a hundred such connections hold
+        # megabytes that the C heap would otherwise keep).
+        self._heavy = True
         if self._write_timer is None:
             loop = asyncio.get_running_loop()
             self._write_timer = loop.call_at(
