@@ -322,3 +322,62 @@ async def test_pipelined_own_pages_wait_for_the_client_to_read_too(
         sock.close()
     assert upstream.asked == 1
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == requests + 1
+
+
+class TrickleUpstream:
+    """Answers ``/trickle``'s scrape with a body of :data:`TRICKLE` sent a byte at a time."""
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(TRICKLE))
+            for byte in TRICKLE:  # 2.4 s in all: more than twice the head deadline
+                await writer.drain()
+                await asyncio.sleep(0.4)
+                writer.write(bytes([byte]))
+            await writer.drain()
+            await reader.read()
+
+
+TRICKLE = b"slow!\n"
+
+
+@needs_aegis
+@pytest.mark.parametrize(
+    "rest", [b"", b"Host: aegis\r\nConnection: close\r\n\r\n"], ids=["never-finished", "finished"]
+)
+@pytest.mark.parametrize("together", [True, False], ids=["one-write", "while-answering"])
+async def test_a_pipelined_head_has_its_deadline_from_the_end_of_the_answer_before(
+    together: bool, rest: bytes, children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """As Go's server reads the next request only once it has answered the one before: the
+    unfinished head behind a slow answer neither cuts that answer nor is cut before it ends."""
+    await upstreams.raw(sockdir / "trickle.sock", TrickleUpstream())
+    await upstreams.metrics(sockdir / "ok.sock", "ok_value 1\n")
+    _, port = await children.serve(
+        sockdir, "--workers", "1", "--web.read-header-timeout=1s", "--web.idle-timeout=30s"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # The next head begins in the same write, or while the answer is on its way.
+        writer.write(pipelined("trickle"))
+        if not together:
+            await asyncio.sleep(0.3)
+        writer.write(b"GET /ok HTTP/1.1\r\n")
+        async with asyncio.timeout(20):
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(len(TRICKLE)) == TRICKLE  # whole, not cut at 1 s
+            answered = time.monotonic()
+            writer.write(rest)
+            rest_of_it = await reader.read(-1)
+            closed = time.monotonic() - answered
+    finally:
+        writer.close()
+    if rest:
+        assert rest_of_it.startswith(b"HTTP/1.1 200 OK\r\n"), rest_of_it
+        assert rest_of_it.endswith(b"ok_value 1\n")
+    else:
+        # Closed without an answer at the head deadline, counted from the end of the answer
+        # (loose bounds: the machine is small and shared).
+        assert rest_of_it == b""
+        assert 0.5 < closed < 5.0, closed
