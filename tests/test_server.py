@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
 
 from aegis.server import Listener
+from conftest import Upstreams
 
 
 @pytest.mark.parametrize(
@@ -215,3 +218,166 @@ async def test_pipelined_heads_are_bounded_one_by_one_not_together(children, soc
     closed = await send_in_pieces(port, head_of(600) + head_of(LIMIT + 1), 1 << 20)
     assert closed.count(b"HTTP/1.1 200 OK\r\n") == 1
     assert b" 431 " not in closed
+
+
+# --- pipelining: one answer queued at a time, head deadlines from the end of the answer ---
+
+#: A page the size of a real exporter's (the benchmark's is 33 KB), sent whole in one write.
+BIG_PAGE = b"".join(b'pipelined_value{n="%05d"} 1\n' % i for i in range(1000))
+
+
+class CountingUpstream:
+    """Answers every request with :data:`BIG_PAGE` at once and counts the requests: how far
+    Aegis has run ahead of a client that reads nothing."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(
+            BIG_PAGE
+        )
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                self.asked += 1
+                writer.write(head + BIG_PAGE)
+                await writer.drain()
+
+
+async def not_reading(port: int) -> socket.socket:
+    """A client connection with a small receive buffer (set before connecting, so the window
+    stays small) that the test does not read from until it says so."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def read_all(sock: socket.socket, within: float = 60.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    parts = []
+    async with asyncio.timeout(within):
+        while data := await loop.sock_recv(sock, 1 << 16):
+            parts.append(data)
+    return b"".join(parts)
+
+
+def pipelined(path: str) -> bytes:
+    return b"GET /%s HTTP/1.1\r\nHost: aegis\r\n\r\n" % path.encode()
+
+
+def pipelined_close(path: str) -> bytes:
+    return b"GET /%s HTTP/1.1\r\nHost: aegis\r\nConnection: close\r\n\r\n" % path.encode()
+
+
+@needs_aegis
+async def test_pipelined_scrapes_wait_for_the_client_to_read_the_answer_before(
+    children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    upstream = CountingUpstream()
+    await upstreams.raw(sockdir / "big.sock", upstream)
+    _, port = await children.serve(sockdir, "--workers", "1", "--web.idle-timeout=5s")
+    requests = 300  # 9 MB of answers, were they all queued
+    sock = await not_reading(port)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, pipelined("big") * (requests - 1) + pipelined_close("big"))
+        await asyncio.sleep(1.5)  # ample time to answer every one, were nothing holding it back
+        # About a megabyte is in the kernel's buffers and the transport's (high-water mark plus
+        # the answer being written): some twenty pages, not three hundred.
+        assert upstream.asked < 60, upstream.asked
+        answers = await read_all(sock)
+    finally:
+        sock.close()
+    # Held back, not dropped: every request is answered, in full, once the client reads.
+    assert upstream.asked == requests
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == requests
+    assert answers.count(BIG_PAGE) == requests
+
+
+@needs_aegis
+@pytest.mark.parametrize("path", ["-/metrics", "-/sd", ""])
+async def test_pipelined_own_pages_wait_for_the_client_to_read_too(
+    path: str, children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    upstream = CountingUpstream()
+    await upstreams.raw(sockdir / "big.sock", upstream)
+    # Many (dead) sockets make /-/sd and / pages of several KB, as on a real host.
+    for index in range(60):
+        with socket.socket(socket.AF_UNIX) as dead:
+            dead.bind(str(sockdir / f"exporter-with-a-long-name-{index:03d}.sock"))
+    _, port = await children.serve(sockdir, "--workers", "1", "--web.idle-timeout=5s")
+    sock = await not_reading(port)
+    loop = asyncio.get_running_loop()
+    requests = 400
+    try:
+        # The scrape at the end is reached only once every page before it is out.
+        await loop.sock_sendall(sock, pipelined(path) * requests + pipelined_close("big"))
+        await asyncio.sleep(1.5)
+        assert upstream.asked == 0
+        answers = await read_all(sock)
+    finally:
+        sock.close()
+    assert upstream.asked == 1
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == requests + 1
+
+
+class TrickleUpstream:
+    """Answers ``/trickle``'s scrape with a body of :data:`TRICKLE` sent a byte at a time."""
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(TRICKLE))
+            for byte in TRICKLE:  # 2.4 s in all: more than twice the head deadline
+                await writer.drain()
+                await asyncio.sleep(0.4)
+                writer.write(bytes([byte]))
+            await writer.drain()
+            await reader.read()
+
+
+TRICKLE = b"slow!\n"
+
+
+@needs_aegis
+@pytest.mark.parametrize(
+    "rest", [b"", b"Host: aegis\r\nConnection: close\r\n\r\n"], ids=["never-finished", "finished"]
+)
+@pytest.mark.parametrize("together", [True, False], ids=["one-write", "while-answering"])
+async def test_a_pipelined_head_has_its_deadline_from_the_end_of_the_answer_before(
+    together: bool, rest: bytes, children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """As Go's server reads the next request only once it has answered the one before: the
+    unfinished head behind a slow answer neither cuts that answer nor is cut before it ends."""
+    await upstreams.raw(sockdir / "trickle.sock", TrickleUpstream())
+    await upstreams.metrics(sockdir / "ok.sock", "ok_value 1\n")
+    _, port = await children.serve(
+        sockdir, "--workers", "1", "--web.read-header-timeout=1s", "--web.idle-timeout=30s"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # The next head begins in the same write, or while the answer is on its way.
+        writer.write(pipelined("trickle"))
+        if not together:
+            await asyncio.sleep(0.3)
+        writer.write(b"GET /ok HTTP/1.1\r\n")
+        async with asyncio.timeout(20):
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(len(TRICKLE)) == TRICKLE  # whole, not cut at 1 s
+            answered = time.monotonic()
+            writer.write(rest)
+            rest_of_it = await reader.read(-1)
+            closed = time.monotonic() - answered
+    finally:
+        writer.close()
+    if rest:
+        assert rest_of_it.startswith(b"HTTP/1.1 200 OK\r\n"), rest_of_it
+        assert rest_of_it.endswith(b"ok_value 1\n")
+    else:
+        # Closed without an answer at the head deadline, counted from the end of the answer
+        # (loose bounds: the machine is small and shared).
+        assert rest_of_it == b""
+        assert 0.5 < closed < 5.0, closed

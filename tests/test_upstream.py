@@ -305,3 +305,74 @@ async def test_a_streamed_page_reaches_an_http_1_0_client_delimited_by_the_close
     assert head.startswith(b"HTTP/1.0 200 OK\r\n")
     assert b"transfer-encoding" not in head.lower()
     assert body == b"up 1\n"  # and then the connection closed: raw_http read to the end
+
+
+# --- an upstream that answers what nobody asked ---
+
+HI = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+
+
+class Unsolicited:
+    """Answers each request with ``hi``, and sends an answer nobody asked for: a moment after
+    the first answer (``late=False``: the connection is idle then), or with the second request
+    already sent (``late=True``: exactly like an answer to it)."""
+
+    def __init__(self, *, late: bool) -> None:
+        self.late = late
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(HI)
+            await writer.drain()
+            if first and not self.late:
+                await asyncio.sleep(0.2)
+                writer.write(EVIL)
+                await writer.drain()
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                if first and self.late:
+                    writer.write(EVIL)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)  # its own answer in a read of its own
+                writer.write(HI)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+async def test_an_answer_sent_to_an_idle_connection_is_never_served(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    service = Unsolicited(late=False)
+    await upstreams.raw(sockdir / "svc.sock", service)
+    client = await aegis()
+    first = await client.get("/svc")
+    assert await first.read() == b"hi"
+    await asyncio.sleep(0.6)  # the extra answer comes while the connection sits in the pool
+    for _ in range(2):
+        again = await client.get("/svc")
+        assert await again.read() == b"hi"
+    assert service.connections == 2  # the idle connection was closed, not reused
+
+
+async def test_an_answer_sent_after_the_connection_was_reused_answers_that_scrape_once(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """The limit the README states: HTTP/1.1 cannot tell a late unsolicited answer from the
+    answer to the request just sent on that connection (nor can any client, Go's included).
+    It is served once; the real answer then comes on top of it, and the connection is closed."""
+    service = Unsolicited(late=True)
+    await upstreams.raw(sockdir / "svc.sock", service)
+    client = await aegis()
+    answers = []
+    for _ in range(3):
+        response = await client.get("/svc")
+        answers.append(await response.read())
+        await asyncio.sleep(0.2)
+    assert answers == [b"hi", b"EVIL!", b"hi"]
+    assert service.connections == 2

@@ -114,3 +114,16 @@ class Relayed(web.StreamResponse):
             transport.writelines(parts)  # one system call, the page not copied
         else:
             transport.write(b"".join(parts))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        writer = self._payload_writer
+        transport = self._req.transport if self._req is not None else None
+        await super().write_eof(data)
+        # aiohttp waits for a full buffer to drain only after writing a body itself, and the
+        # page went out in _write_headers: without this, every pipelined request would queue
+        # one more whole page for a client that does not read. Waiting here, before aiohttp
+        # takes the next request, keeps at most about one answer queued per connection; the
+        # write deadline (timeouts.Guard) bounds the wait. An empty buffer, the usual case,
+        # costs no await.
+        if writer is not None and transport is not None and transport.get_write_buffer_size():
+            await writer.drain()

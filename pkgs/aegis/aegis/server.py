@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from .accept import Acceptor, Connections, Shares
 from .process import die_with_parent
@@ -250,6 +251,19 @@ class _InFlight:
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+class _Answered(AbstractAccessLogger):
+    """Not a log: aiohttp calls an access logger once each answer is written out (after
+    ``write_eof``, its drain included), on every path, its own error pages too. That is when a
+    request pipelined behind the answer starts its head deadline (:meth:`Guard.answered`)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        transport = request.transport
+        if transport is not None:
+            guard = transport.get_protocol()
+            if isinstance(guard, Guard):
+                guard.answered()
+
+
 def _run_worker(
     app_factory: AppFactory,
     socks: list[socket.socket],
@@ -261,7 +275,9 @@ def _run_worker(
         runner = web.AppRunner(
             app_factory(),
             handle_signals=False,
-            access_log=None,
+            # No access log is written: the logger class only tells the Guard (_Answered).
+            access_log=log,
+            access_log_class=_Answered,
             shutdown_timeout=serving.shutdown_grace,
             keepalive_timeout=serving.idle_timeout,
             # A scraper that hangs up cancels its handler, so the upstream exchange, its

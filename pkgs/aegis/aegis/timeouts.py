@@ -6,7 +6,10 @@ and a deadline on writing to a client that stopped reading.
   header byte a second (a slowloris) would keep its connection for as long as it likes. As Go's
   ``http.Server.ReadHeaderTimeout`` does, the whole head (request line and headers, up to the
   blank line) must be in within the deadline from the connection's start or from the first byte
-  of a following request, or the connection is closed without an answer.
+  of a following request, or the connection is closed without an answer. A request pipelined
+  behind one still being answered has its deadline from the end of that answer (Go's server
+  reads the next request only then): the head may well be unfinished because the client reads
+  the answer before sending the rest, and a deadline from its first byte would cut the answer.
 * **Head size.** A head larger than the bound is answered ``431`` and the connection closed,
   before aiohttp parses it and so before any authentication: aiohttp alone accepts 128 lines of
   8 KiB each and holds every byte while it waits for the rest.
@@ -76,7 +79,9 @@ class Guard(asyncio.Protocol):
     """Wraps one connection's protocol and enforces :class:`ConnectionBounds` on it."""
 
     __slots__ = (
+        "_answered",
         "_bounds",
+        "_deferred",
         "_head_bytes",
         "_heads",
         "_heavy",
@@ -101,8 +106,10 @@ class Guard(asyncio.Protocol):
         self._tail = b""  # the last bytes of a head in progress: the blank line may be split
         self._head_bytes = 0  # of the head in progress
         self._heads = 0  # complete heads passed on to aiohttp
+        self._answered = 0  # answers aiohttp has written out (answered())
+        self._deferred = False  # a head is in progress, its deadline waits for answered()
         self._refused = -1  # bytes dropped since a 431, or -1
-        self._heavy = False  # held a large unfinished head at some point
+        self._heavy = False  # held a large unfinished head, or a full write buffer, at some point
 
     @classmethod
     def factory(
@@ -115,15 +122,39 @@ class Guard(asyncio.Protocol):
         return lambda: cls(inner(), bounds, live)
 
     def _arm(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + self._bounds.read_header_timeout, self._late)
+        """A new head begins: its deadline starts now, or once the answers before it are out."""
+        self._disarm()  # the deadline of a head that just completed, in the same read
         self._tail = b""
         self._head_bytes = 0
+        if self._answered < self._heads:
+            self._deferred = True
+        else:
+            self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + self._bounds.read_header_timeout, self._late)
 
     def _disarm(self) -> None:
+        self._deferred = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def answered(self) -> None:
+        """aiohttp has written out an answer (and waited for a full buffer to drain).
+
+        A head deferred behind the answers starts its deadline once the last is out. Should a
+        request body hold a blank line (counted here as one more head: aiohttp answers GET and
+        HEAD only, so that is no real scrape), the count never catches up and the unfinished
+        head is bounded by the idle timeout instead, which aiohttp applies while it waits.
+        """
+        # Never ahead of the heads: an answer to something not counted as one (aiohttp's own
+        # 400) must not let a later head skip its wait.
+        self._answered = min(self._answered + 1, self._heads)
+        if self._deferred and self._answered >= self._heads and self._transport is not None:
+            self._deferred = False
+            self._start_deadline()
 
     def _late(self) -> None:
         self._timer = None
@@ -191,11 +222,11 @@ class Guard(asyncio.Protocol):
             if self._refused > _LINGER_BYTES and self._transport is not None:
                 self._transport.abort()
             return
-        if self._timer is None:
+        if self._timer is None and not self._deferred:
             if data.endswith(_END_OF_HEAD) and len(data) <= self._bounds.max_head_bytes:
-                # The usual scrape: a whole request in one read. Nothing is left pending, so
-                # there is no deadline to set and cancel.
-                self._heads += 1
+                # The usual scrape: a whole request in one read (or several, pipelined). Nothing
+                # is left pending, so there is no deadline to set and cancel.
+                self._heads += data.count(_END_OF_HEAD)
                 self._inner.data_received(data)
                 return
             self._arm()  # the first byte of a new request
@@ -255,6 +286,10 @@ class Guard(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        # A full buffer holds up to an answer and the high-water mark: like a large head, it
+        # is given back to the system after the connection (a hundred such connections hold
+        # megabytes that the C heap would otherwise keep).
+        self._heavy = True
         if self._write_timer is None:
             loop = asyncio.get_running_loop()
             self._write_timer = loop.call_at(

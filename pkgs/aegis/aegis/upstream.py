@@ -8,8 +8,11 @@ across sockets and a service that replaced its socket file gets fresh ones.
 
 Everything an upstream sends is bounded or refused: a response head (interim answers included)
 over :data:`MAX_HEAD` bytes, a status outside 100-599, a switch of protocol (101), and bytes
-that do not parse are each an :class:`UpstreamError`; bytes after a complete answer are never
-read as part of it (the connection is dropped instead of reused).
+that do not parse are each an :class:`UpstreamError`; bytes after a complete answer, in the same
+read or while the connection is idle, are never read as part of any answer (the connection is
+dropped instead of reused). An unsolicited answer that arrives only after the connection was
+reused cannot be told from the answer to the new request (HTTP/1.1 has no request ids): it is
+taken for it, and the real answer, coming on top, then closes the connection.
 """
 
 from __future__ import annotations
