@@ -4,7 +4,8 @@ This is the command line's engine, not the library: it installs signal handlers 
 programs mount :func:`aegis.proxy.make_app` in their own server instead.
 
 Each listener is one socket, bound by this process before any worker starts: a port in use
-(by anyone, a second Aegis included) is one clear error at start, and no other program can
+(by anyone, a second Aegis included), or a Unix socket path that something accepts on, is one
+clear error at start, and no other program can
 join the port, since nothing sets ``SO_REUSEPORT``. Every worker accepts on the sockets it
 inherited across ``fork()``. The parent then only supervises: it forwards SIGTERM/SIGINT,
 restarts a worker that died, ignores SIGHUP (with a log line), and exits 0 once every worker
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -48,6 +50,8 @@ _NOT_SENT_LOW_WATER = 512 * 1024
 # write permission, so the socket's group (the directory's, if it is setgid) can scrape and
 # nobody else can. A directory that is itself closed keeps even the group out.
 _UNIX_SOCKET_UMASK = 0o117
+# How long the probe of an existing socket file may wait for a listener to take it.
+_UNIX_PROBE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,8 @@ def bind(listeners: Sequence[Listener]) -> list[socket.socket]:
             except OSError as exc:
                 raise OSError(exc.errno, f"{listener}: {exc.strerror or exc}") from exc
     except OSError:
+        # The socket files bound so far go too: left behind, they would look like a killed run's.
+        remove_socket_files(socket_files(listeners[: len(socks)]))
         for sock in socks:
             sock.close()
         raise
@@ -158,8 +164,12 @@ def _bound_unsent(sock: socket.socket) -> None:
 
 def _bind_unix(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # left behind by an earlier run; anything else is not ours to remove
+        # Only a socket file is ever replaced (nothing else is ours to remove, and a symlink is
+        # not followed: bind() then fails with "Address already in use"), and only one nobody
+        # accepts on: left behind by a killed run. Unlinking a live one would take its address
+        # from a running server (a second Aegis) and leave it unreachable.
+        if stat.S_ISSOCK(os.lstat(path).st_mode) and not _accepting(path):
+            os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(_UNIX_SOCKET_UMASK)  # set at bind(): no moment with a wider mode
     try:
@@ -174,9 +184,30 @@ def _bind_unix(path: str) -> socket.socket:
     return sock
 
 
+def _accepting(path: str) -> bool:
+    """Whether something listens on the socket file at ``path``; raises "Address already in use"
+    if it does, False if the file is stale (connection refused)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_UNIX_PROBE_TIMEOUT)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except FileNotFoundError:
+            return False  # gone meanwhile: bind() will create it
+        except (BlockingIOError, TimeoutError):
+            pass  # a listener whose queue is full is a listener
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+
+
 def socket_files(listeners: Sequence[Listener]) -> dict[str, int]:
     """The Unix-socket files just bound, each with its inode, for :func:`remove_socket_files`."""
-    return {item.unix_path: os.stat(item.unix_path).st_ino for item in listeners if item.unix_path}
+    files = {}
+    for item in listeners:
+        if item.unix_path:
+            with contextlib.suppress(OSError):
+                files[item.unix_path] = os.stat(item.unix_path).st_ino
+    return files
 
 
 def remove_socket_files(files: dict[str, int]) -> None:
