@@ -33,6 +33,7 @@ from aiohttp import web
 
 from .accept import Acceptor, Connections, Shares
 from .process import die_with_parent
+from .stopping import STOPPING_KEY
 from .timeouts import ConnectionBounds, Guard
 
 log = logging.getLogger("aegis.server")
@@ -42,6 +43,13 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Held back while a worker starts, until its handlers are in place.
 _BLOCKED = (*_STOP_SIGNALS, signal.SIGHUP)
 _SIGNAL_POLL = 0.2
+# A worker's stop: the grace period, then _ANSWER_TIME for the scrapes it cut to return their
+# answer, then (for handlers that did not) cancellation and _ANSWER_TIME again, then aiohttp's
+# shutdown, which gives the answers decided by then _LAST_WRITES to be written, twice. The
+# supervisor kills workers only _KILL_AFTER seconds past the grace period, well after all that.
+_ANSWER_TIME = 0.5
+_LAST_WRITES = 0.5
+_KILL_AFTER = 5.0
 # aiohttp's default; the head's size in bytes is the bound that matters (ConnectionBounds).
 _MAX_HEADERS = 128
 _BACKLOG = 1024
@@ -255,27 +263,36 @@ def serve(
 
 
 class _InFlight:
-    """Requests being handled in this worker, for the stop's log line."""
+    """The requests being handled in this worker (the task of each), for the stop."""
 
-    __slots__ = ("cut", "now", "stopping")
+    __slots__ = ("_none_left", "tasks")
 
     def __init__(self) -> None:
-        self.now = 0
-        self.cut = 0  # cancelled while stopping: by the end of the grace period
-        self.stopping = False
+        self.tasks: set[asyncio.Task[object]] = set()
+        self._none_left: asyncio.Event | None = None  # only while the stop waits
 
     def wrap(self, handler: _Handler) -> _Handler:
         async def counted(request: web.BaseRequest) -> web.StreamResponse:
-            self.now += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)
             try:
                 return await handler(request)
-            except asyncio.CancelledError:
-                self.cut += self.stopping
-                raise
             finally:
-                self.now -= 1
+                self.tasks.discard(task)
+                if not self.tasks and self._none_left is not None:
+                    self._none_left.set()
 
         return counted
+
+    async def finished(self, deadline: float) -> bool:
+        """Whether every handler returned by ``deadline`` (the event loop's time)."""
+        self._none_left = asyncio.Event()
+        if self.tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._none_left.wait()
+        return not self.tasks
 
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -293,7 +310,8 @@ def _run_worker(
             app_factory(),
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=serving.shutdown_grace,
+            # Only for the answers decided when the grace period ended: see main() below.
+            shutdown_timeout=_LAST_WRITES,
             keepalive_timeout=serving.idle_timeout,
             # A scraper that hangs up cancels its handler, so the upstream exchange, its
             # connection and its concurrency slot are given back at once.
@@ -306,13 +324,15 @@ def _run_worker(
         )
         await runner.setup()
         assert runner.server is not None
+        server = runner.server
         in_flight = _InFlight()
-        runner.server.request_handler = in_flight.wrap(runner.server.request_handler)
+        server.request_handler = in_flight.wrap(server.request_handler)
+        grace = runner.app.get(STOPPING_KEY)
         live = Connections(shares, index)
         # Not web.SockSite: it cannot wrap the connection's protocol (the bounds), and it
         # would listen() again with a backlog of 128. Not loop.create_server either: see
         # aegis.accept for why each worker accepts one connection at a time.
-        protocol = Guard.factory(runner.server, serving.bounds, live)
+        protocol = Guard.factory(server, serving.bounds, live)
         acceptors = [
             Acceptor(
                 sock,
@@ -329,13 +349,31 @@ def _run_worker(
         stop = asyncio.Event()
         _watch_signals(loop, stop)
         await stop.wait()
-        connections, requests = len(live), in_flight.now
-        in_flight.stopping = True
+        end = loop.time() + serving.shutdown_grace
+        connections, requests = len(live), len(in_flight.tasks)
         for acceptor in acceptors:
             acceptor.close()
         # Refused from now on, rather than queued for nobody (the supervisor closes its copies).
         for sock in socks:
             sock.close()
+        # Idle keep-alive connections close now, the others after their answer: no new request
+        # starts during the grace period.
+        server.pre_shutdown()
+        # The grace period is kept here, not by aiohttp: its shutdown(timeout) waits the
+        # timeout, cancels, then waits the timeout again, so a stop took twice the grace period.
+        # Scrapes waiting for their upstream end at `end`, answered 503 (aegis.stopping).
+        if grace is not None:
+            grace.begin(end)
+        cut = 0
+        if not await in_flight.finished(end + _ANSWER_TIME):
+            # Whatever still runs (a handler that is not a scrape's wait) is cancelled.
+            cut = len(in_flight.tasks)
+            for task in in_flight.tasks:
+                task.cancel()
+            await in_flight.finished(loop.time() + _ANSWER_TIME)
+        if grace is not None:
+            cut += grace.cut
+        # The answers decided by now are written within _LAST_WRITES (twice, see above).
         await runner.cleanup()
         log.info(
             "worker %d stopped: %d connections were open, %d requests in flight, %d of them cut "
@@ -343,8 +381,8 @@ def _run_worker(
             os.getpid(),
             connections,
             requests,
-            in_flight.cut,
-            extra={"connections": connections, "in_flight": requests, "cut": in_flight.cut},
+            cut,
+            extra={"connections": connections, "in_flight": requests, "cut": cut},
         )
 
     # The worker's signals stay blocked and are taken from the pending set (_watch_signals): a
@@ -461,8 +499,8 @@ def _supervise(
                 workers[spawn(index)] = index
             elif code != 0:
                 failed = True
-        if stopping_since is not None and time.monotonic() - stopping_since > grace + 5:
-            log.error("workers did not stop within %.0f s; killing them", grace + 5)
+        if stopping_since is not None and time.monotonic() - stopping_since > grace + _KILL_AFTER:
+            log.error("workers did not stop within %.0f s; killing them", grace + _KILL_AFTER)
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
