@@ -248,18 +248,28 @@ def serve(
     serving: Serving,
     *,
     workers: int = 1,
+    on_worker_start: Callable[[], None] | None = None,
     on_worker_exit: Callable[[int], None] | None = None,
     on_orphaned: Callable[[], None] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status.
 
-    With several ``workers`` this process supervises them: ``on_worker_exit(pid)`` is called
-    for each worker that ended, and ``on_orphaned()`` in a worker that outlived its supervisor
+    With several ``workers`` this process supervises them: ``on_worker_start()`` is called in
+    each worker right after ``fork()``, ``on_worker_exit(pid)`` in the supervisor for each
+    worker that ended, and ``on_orphaned()`` in a worker that outlived its supervisor
     (SIGKILL), to remove what the supervisor would have removed at exit.
     """
     if workers == 1:
         return _run_worker(app_factory, socks, serving)
-    return _supervise(app_factory, socks, serving, workers, on_worker_exit, on_orphaned)
+    hooks = _Hooks(on_worker_start, on_worker_exit, on_orphaned)
+    return _supervise(app_factory, socks, serving, workers, hooks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    worker_start: Callable[[], None] | None
+    worker_exit: Callable[[int], None] | None
+    orphaned: Callable[[], None] | None
 
 
 class _InFlight:
@@ -432,8 +442,7 @@ def _supervise(
     socks: list[socket.socket],
     serving: Serving,
     count: int,
-    on_worker_exit: Callable[[int], None] | None,
-    on_orphaned: Callable[[], None] | None,
+    hooks: _Hooks,
 ) -> int:
     watched = {signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -452,14 +461,16 @@ def _supervise(
             code = 1
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_BLOCKED})
+                if hooks.worker_start is not None:
+                    hooks.worker_start()
                 # SIGTERM when the supervisor dies, however it dies: a worker never serves
                 # unsupervised.
                 if die_with_parent(supervisor):
                     code = _run_worker(app_factory, socks, serving, shares, index)
                 if os.getppid() != supervisor:
                     log.warning("worker %d: the supervisor %d is gone", os.getpid(), supervisor)
-                    if on_orphaned is not None:
-                        on_orphaned()
+                    if hooks.orphaned is not None:
+                        hooks.orphaned()
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -491,8 +502,8 @@ def _supervise(
             index = workers.pop(pid)
             shares.leave(index)
             code = os.waitstatus_to_exitcode(status)
-            if on_worker_exit is not None:
-                on_worker_exit(pid)
+            if hooks.worker_exit is not None:
+                hooks.worker_exit(pid)
             if stopping_since is None:
                 log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
                 time.sleep(1.0)  # a worker that dies at once must not become a fork loop
