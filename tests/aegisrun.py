@@ -68,14 +68,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise AssertionError("no free port below the ephemeral range")
 
 
-async def fresh_get(url: str, within: float = 30.0) -> tuple[int, bytes]:
+async def fresh_get(
+    url: str, within: float = 30.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """One GET on a fresh connection, so each lands on whichever worker the kernel picks."""
     connector = aiohttp.TCPConnector(force_close=True)
     async with (
         aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=within)
         ) as session,
-        session.get(url) as response,
+        session.get(url, headers=headers) as response,
     ):
         return response.status, await response.read()
 

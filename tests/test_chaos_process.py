@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -25,6 +26,8 @@ from conftest import Upstreams
 pytestmark = needs_aegis
 
 PAGE = "chaos_value 1\n"
+# Prometheus' header: an upstream deadline far past the grace period.
+LONG_SCRAPE = {"X-Prometheus-Scrape-Timeout-Seconds": "30"}
 _TCP_INFO_STATE = struct.Struct("B")
 _TCP_CLOSE = 7
 
@@ -239,6 +242,52 @@ async def test_workers_of_a_killed_supervisor_exit_and_leave_nothing_behind(
     await assert_invariants(aegis, None)
 
 
+async def test_a_scrape_in_flight_when_the_supervisor_is_killed_is_answered_and_counted(
+    children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    # The idle worker leaves at once; the metrics directory must stay until the busy one,
+    # which counts its scrape when the grace period ends, has left too.
+    asked = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        asked.set()
+        await reader.read()
+
+    await upstreams.raw(sockdir / "hang.sock", silent)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    port = free_port()
+    aegis = children.start(
+        "-hostport",
+        f"127.0.0.1:{port}",
+        "-sockdir",
+        str(sockdir),
+        "--workers",
+        "2",
+        "--shutdown.grace-period",
+        "2s",
+        prefix=["env", f"TMPDIR={scratch}"],
+    )
+    await aegis.wait_for_output("2 workers: ")
+    await aegis.ready("127.0.0.1", port)
+    workers = worker_pids(aegis.pid)
+    url = f"http://127.0.0.1:{port}/hang"
+    in_flight = asyncio.create_task(fresh_get(url, headers=LONG_SCRAPE))
+    await asyncio.wait_for(asked.wait(), 20)
+    aegis.popen.kill()
+    assert await in_flight == (503, b"aegis is stopping: the grace period ended\n"), aegis.output()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers still running:\n{aegis.output()}"
+        await asyncio.sleep(0.1)
+    assert list(scratch.iterdir()) == []
+    out = aegis.output()
+    assert "503 hang: aegis is stopping" in out
+    assert "1 of them cut at the end of the grace period" in out
+    await assert_invariants(aegis, None)
+
+
 async def test_a_tmp_metrics_directory_left_by_a_killed_aegis_goes_at_the_next_start(
     children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
 ) -> None:
@@ -254,6 +303,11 @@ async def test_a_tmp_metrics_directory_left_by_a_killed_aegis_goes_at_the_next_s
     (stale / "counter_1.db").write_bytes(b"\0" * 16)
     unrelated = scratch / "aegis-metrics-notapid-x2"
     unrelated.mkdir()
+    # Its supervisor killed, but a worker (here, the test) still holds it: not removed.
+    held = scratch / f"aegis-metrics-{gone}-x3"
+    held.mkdir()
+    holder = os.open(held / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_SH)
     port_aegis = children.start(
         "-hostport",
         "127.0.0.1:0",
@@ -264,10 +318,12 @@ async def test_a_tmp_metrics_directory_left_by_a_killed_aegis_goes_at_the_next_s
         prefix=["env", f"TMPDIR={scratch}"],
     )
     await port_aegis.wait_for_output("2 workers: ")
+    os.close(holder)
     assert not stale.exists()
     assert unrelated.exists()
+    assert held.exists()
     assert await port_aegis.stop() == 0
-    assert sorted(p.name for p in scratch.iterdir()) == [unrelated.name]
+    assert sorted(p.name for p in scratch.iterdir()) == sorted([unrelated.name, held.name])
 
 
 def limits_of(pid: int) -> tuple[int, int]:

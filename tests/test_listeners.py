@@ -104,6 +104,87 @@ async def test_systemd_socket_without_systemd_stops_aegis_at_start(
     assert "--web.systemd-socket: LISTEN_PID does not name this process" in child.output()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_second_aegis_on_a_live_unix_listener_exits_1_and_leaves_it_alone(
+    workers: int, tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    unix = tmp_path / "aegis.sock"
+    flags = ["--web.listen-address", f"unix:{unix}", "-sockdir", str(sockdir)]
+    first = children.start(*flags, "--workers", str(workers))
+    await first.ready(None, unix)
+    inode = unix.stat().st_ino
+    second = children.start(*flags, "--workers", str(workers))
+    assert await second.wait() == 1, second.output()
+    assert f"cannot listen on unix:{unix}: Address already in use" in second.output()
+    # The first one's socket file is untouched, and it still serves on it.
+    assert unix.stat().st_ino == inode
+    assert await scrape("http://aegis/node", unix=unix) == (200, PAGE)
+    assert await first.stop() == 0
+    assert not unix.exists()
+
+
+def stale_socket_file(path: Path) -> None:
+    """What a killed server leaves: a socket file nothing listens on."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+async def test_a_stale_unix_socket_file_is_replaced(
+    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    unix = tmp_path / "aegis.sock"
+    stale_socket_file(unix)
+    child = children.start("--web.listen-address", f"unix:{unix}", "-sockdir", str(sockdir))
+    await child.ready(None, unix)
+    assert await scrape("http://aegis/node", unix=unix) == (200, PAGE)
+    assert await child.stop() == 0
+    assert not unix.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+async def test_a_unix_listener_path_that_is_not_a_socket_is_left_alone(
+    kind: str, tmp_path: Path, sockdir: Path, children: Children
+) -> None:
+    unix = tmp_path / "aegis.sock"
+    if kind == "file":
+        unix.write_text("not a socket\n")
+    else:
+        stale = tmp_path / "elsewhere.sock"
+        stale_socket_file(stale)
+        unix.symlink_to(stale)
+    child = children.start("--web.listen-address", f"unix:{unix}", "-sockdir", str(sockdir))
+    assert await child.wait() == 1, child.output()
+    assert f"cannot listen on unix:{unix}: Address already in use" in child.output()
+    if kind == "file":
+        assert unix.read_text() == "not a socket\n"
+    else:
+        assert unix.is_symlink()
+        assert stat.S_ISSOCK(unix.stat().st_mode)
+
+
+async def test_a_failed_start_removes_the_socket_files_it_created(
+    tmp_path: Path, sockdir: Path, children: Children
+) -> None:
+    unix = tmp_path / "aegis.sock"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        child = children.start(
+            "--web.listen-address",
+            f"unix:{unix}",
+            "--web.listen-address",
+            f"127.0.0.1:{port}",
+            "-sockdir",
+            str(sockdir),
+        )
+        assert await child.wait() == 1, child.output()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in child.output()
+    assert not unix.exists()
+
+
 @pytest.mark.parametrize(
     ("address", "message"),
     [

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
 
@@ -129,6 +130,86 @@ async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
     assert await in_flight == (200, FIRST + REST), aegis.output()
     assert await aegis.wait(within=30) == 0, aegis.output()
     assert "Traceback" not in aegis.output()
+
+
+class SilentUpstream:
+    """Reads the request and never answers: only the end of the grace period ends the scrape."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.asked.set()
+        await reader.read()  # until Aegis gives up on it
+
+
+# Prometheus' header: a deadline (29.5 s) far past the grace period.
+LONG_SCRAPE = {"X-Prometheus-Scrape-Timeout-Seconds": "30"}
+GRACE = 4.0
+
+
+async def get_with(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url, headers=headers) as response,
+    ):
+        return response.status, await response.read()
+
+
+@needs_aegis
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_scrape_still_waiting_when_the_grace_period_ends_is_answered_503(
+    workers, signum, children, upstreams, sockdir
+):
+    upstream = SilentUpstream()
+    await upstreams.raw(sockdir / "hang.sock", upstream)
+    aegis, port = await children.serve(
+        sockdir, "--workers", str(workers), "--shutdown.grace-period", f"{GRACE:.0f}s"
+    )
+    if workers > 1:
+        await aegis.wait_for_output(f"{workers} workers: ")
+    in_flight = asyncio.create_task(get_with(f"http://127.0.0.1:{port}/hang", LONG_SCRAPE))
+    await asyncio.wait_for(upstream.asked.wait(), 20)
+    signalled = time.monotonic()
+    aegis.popen.send_signal(signum)
+
+    answer = await in_flight
+    answered = time.monotonic() - signalled
+    assert answer == (503, b"aegis is stopping: the grace period ended\n"), aegis.output()
+    assert await aegis.wait(within=30) == 0, aegis.output()
+    stopped = time.monotonic() - signalled
+    # The whole grace period, and not much more (aiohttp alone took twice the grace period).
+    assert answered > GRACE - 0.5, aegis.output()
+    assert stopped < GRACE + 3, aegis.output()
+    out = aegis.output()
+    assert "1 requests in flight, 1 of them cut at the end of the grace period" in out
+    assert "503 hang: aegis is stopping: the grace period ended" in out
+    assert "killing them" not in out
+    assert "Traceback" not in out
+
+
+@needs_aegis
+async def test_a_page_still_arriving_when_the_grace_period_ends_is_cut_off(
+    children, upstreams, sockdir
+):
+    upstream = SlowUpstream()
+    await upstreams.raw(sockdir / "slow.sock", upstream)
+    aegis, port = await children.serve(sockdir, "--workers", "2", "--shutdown.grace-period", "2s")
+    await aegis.wait_for_output("2 workers: ")
+    in_flight = asyncio.create_task(get_with(f"http://127.0.0.1:{port}/slow", LONG_SCRAPE))
+    await asyncio.wait_for(upstream.asked.wait(), 20)
+    aegis.popen.send_signal(signal.SIGTERM)
+    # The status line is out: a page cut short breaks the connection, never a complete 200.
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await in_flight
+    assert await aegis.wait(within=30) == 0, aegis.output()
+    out = aegis.output()
+    assert "slow: aborted mid-response: the grace period ended" in out
+    assert "1 of them cut at the end of the grace period" in out
+    assert "Traceback" not in out
 
 
 @needs_aegis

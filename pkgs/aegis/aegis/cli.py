@@ -393,17 +393,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers == 1:
             return serve(lambda: _app(config, web_config), socks, serving)
         # Several workers: one set of self-metrics for all of them, whichever answers a scrape.
-        with multiproc.metrics_dir() as path:
+        with multiproc.metrics_dir() as shared:
+            path = shared.path
 
             def orphaned() -> None:
                 remove_socket_files(files)
-                multiproc.remove(path)
+                # Only the last worker to leave removes it: a sibling may still be counting.
+                shared.leave()
 
             return serve(
                 lambda: _app(config, web_config, multiprocess_dir=path),
                 socks,
                 serving,
                 workers=args.workers,
+                on_worker_start=shared.join,
                 on_worker_exit=functools.partial(multiproc.worker_exited, path),
                 on_orphaned=orphaned,
             )

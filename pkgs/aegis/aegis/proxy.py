@@ -37,6 +37,7 @@ from .dirwatch import DirectoryWatch
 from .limits import Limits
 from .metrics import ProxyMetrics, serve_metrics
 from .relay import Relayed, relayed_fields
+from .stopping import STOPPING_KEY, GracePeriod
 from .targets import BadName, DirectoryUnavailable, NoSuchTarget, Target, Targets
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
@@ -84,6 +85,7 @@ FAILURE_STATUS = {
     "internal": 502,
     "timeout": 504,
     "overloaded": 503,
+    "stopping": 503,
 }
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what a GET without a body never forwards.
@@ -135,6 +137,7 @@ def make_app(
         registry, watch.count_targets, multiprocess_dir=multiprocess_dir
     )
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
+    app[STOPPING_KEY] = GracePeriod()
     app.cleanup_ctx.append(_upstream_pool)
     external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
 
@@ -210,12 +213,27 @@ class _Scrape:
     gauge, a concurrency slot, an upstream connection) is given back in :meth:`__exit__`, on
     every path, and it is counted exactly once (a scraper that hung up: code 499)."""
 
-    __slots__ = ("admitted", "conn", "counted", "limits", "metrics", "pool", "response", "target")
+    __slots__ = (
+        "admitted",
+        "budget",
+        "conn",
+        "counted",
+        "grace",
+        "limits",
+        "metrics",
+        "pool",
+        "response",
+        "target",
+    )
 
-    def __init__(self, metrics: ProxyMetrics, limits: Limits, pool: UpstreamPool) -> None:
+    def __init__(
+        self, metrics: ProxyMetrics, limits: Limits, pool: UpstreamPool, grace: GracePeriod
+    ) -> None:
         self.metrics = metrics
         self.limits = limits
         self.pool = pool
+        self.grace = grace
+        self.budget: asyncio.Timeout | None = None  # the upstream deadline, once it runs
         self.target = ""  # the metrics label: "" until a name resolved
         self.admitted = False
         self.conn: Exchange | None = None
@@ -235,6 +253,8 @@ class _Scrape:
                 conn.abort()
         if self.admitted:
             self.limits.leave(self.target)
+        if self.budget is not None:
+            self.grace.forget(self.budget)
         self.metrics.in_flight.dec()
         if not self.counted:  # cancelled: the scraper went away, or the worker is stopping
             self.count(CLIENT_CLOSED, "client_closed")
@@ -266,7 +286,7 @@ class _Scrape:
 
 async def _handle(request: web.Request) -> web.StreamResponse:
     app = request.app
-    with _Scrape(app[METRICS_KEY], app[LIMITS_KEY], app[POOL_KEY]) as scrape:
+    with _Scrape(app[METRICS_KEY], app[LIMITS_KEY], app[POOL_KEY], app[STOPPING_KEY]) as scrape:
         try:
             return await _proxy(request, scrape)
         except Exception as exc:  # every request ends in a deliberate answer
@@ -299,7 +319,9 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
     request_head = _request_head(request, endpoint.path)
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(deadline(request, app[CONFIG_KEY])):
+        async with asyncio.timeout(deadline(request, app[CONFIG_KEY])) as budget:
+            scrape.budget = budget
+            scrape.grace.watch(budget)  # a stop brings it forward to the end of the grace period
             conn = scrape.conn = await scrape.pool.send(
                 endpoint.address, endpoint.identity, request_head, head_only=head_only
             )
@@ -336,11 +358,16 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
         detail = _permission_detail(endpoint.socket)
         return scrape.fail("permission", name, "permission denied", detail)
     except (UpstreamError, TimeoutError) as exc:
-        kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
-        reason = exc.reason if isinstance(exc, UpstreamError) else "upstream deadline exceeded"
+        if isinstance(exc, UpstreamError):
+            kind, reason = exc.kind, exc.reason
+        elif scrape.grace.ended():
+            kind, reason = "stopping", "the grace period ended"
+        else:
+            kind, reason = "timeout", "upstream deadline exceeded"
         metrics.upstream(name, time.perf_counter() - started)
         if scrape.response is None:
-            return scrape.fail(kind, name, f"upstream: {reason}", endpoint.socket)
+            whose = "aegis is stopping" if kind == "stopping" else "upstream"
+            return scrape.fail(kind, name, f"{whose}: {reason}", endpoint.socket)
         # The status line is out: the only honest signal left is to break the connection.
         scrape.count(scrape.response.status, kind)
         log.warning("%s: aborted mid-response: %s (%s)", name, reason, endpoint.socket)

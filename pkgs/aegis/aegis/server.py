@@ -4,7 +4,8 @@ This is the command line's engine, not the library: it installs signal handlers 
 programs mount :func:`aegis.proxy.make_app` in their own server instead.
 
 Each listener is one socket, bound by this process before any worker starts: a port in use
-(by anyone, a second Aegis included) is one clear error at start, and no other program can
+(by anyone, a second Aegis included), or a Unix socket path that something accepts on, is one
+clear error at start, and no other program can
 join the port, since nothing sets ``SO_REUSEPORT``. Every worker accepts on the sockets it
 inherited across ``fork()``. The parent then only supervises: it forwards SIGTERM/SIGINT,
 restarts a worker that died, ignores SIGHUP (with a log line), and exits 0 once every worker
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -32,6 +34,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .accept import Acceptor, Connections, Shares
 from .process import die_with_parent
+from .stopping import STOPPING_KEY
 from .timeouts import ConnectionBounds, Guard
 
 log = logging.getLogger("aegis.server")
@@ -41,6 +44,13 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Held back while a worker starts, until its handlers are in place.
 _BLOCKED = (*_STOP_SIGNALS, signal.SIGHUP)
 _SIGNAL_POLL = 0.2
+# A worker's stop: the grace period, then _ANSWER_TIME for the scrapes it cut to return their
+# answer, then (for handlers that did not) cancellation and _ANSWER_TIME again, then aiohttp's
+# shutdown, which gives the answers decided by then _LAST_WRITES to be written, twice. The
+# supervisor kills workers only _KILL_AFTER seconds past the grace period, well after all that.
+_ANSWER_TIME = 0.5
+_LAST_WRITES = 0.5
+_KILL_AFTER = 5.0
 # aiohttp's default; the head's size in bytes is the bound that matters (ConnectionBounds).
 _MAX_HEADERS = 128
 _BACKLOG = 1024
@@ -49,6 +59,8 @@ _NOT_SENT_LOW_WATER = 512 * 1024
 # write permission, so the socket's group (the directory's, if it is setgid) can scrape and
 # nobody else can. A directory that is itself closed keeps even the group out.
 _UNIX_SOCKET_UMASK = 0o117
+# How long the probe of an existing socket file may wait for a listener to take it.
+_UNIX_PROBE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +122,8 @@ def bind(listeners: Sequence[Listener]) -> list[socket.socket]:
             except OSError as exc:
                 raise OSError(exc.errno, f"{listener}: {exc.strerror or exc}") from exc
     except OSError:
+        # The socket files bound so far go too: left behind, they would look like a killed run's.
+        remove_socket_files(socket_files(listeners[: len(socks)]))
         for sock in socks:
             sock.close()
         raise
@@ -159,8 +173,12 @@ def _bound_unsent(sock: socket.socket) -> None:
 
 def _bind_unix(path: str) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # left behind by an earlier run; anything else is not ours to remove
+        # Only a socket file is ever replaced (nothing else is ours to remove, and a symlink is
+        # not followed: bind() then fails with "Address already in use"), and only one nobody
+        # accepts on: left behind by a killed run. Unlinking a live one would take its address
+        # from a running server (a second Aegis) and leave it unreachable.
+        if stat.S_ISSOCK(os.lstat(path).st_mode) and not _accepting(path):
+            os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     umask = os.umask(_UNIX_SOCKET_UMASK)  # set at bind(): no moment with a wider mode
     try:
@@ -175,9 +193,30 @@ def _bind_unix(path: str) -> socket.socket:
     return sock
 
 
+def _accepting(path: str) -> bool:
+    """Whether something listens on the socket file at ``path``; raises "Address already in use"
+    if it does, False if the file is stale (connection refused)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_UNIX_PROBE_TIMEOUT)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except FileNotFoundError:
+            return False  # gone meanwhile: bind() will create it
+        except (BlockingIOError, TimeoutError):
+            pass  # a listener whose queue is full is a listener
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+
+
 def socket_files(listeners: Sequence[Listener]) -> dict[str, int]:
     """The Unix-socket files just bound, each with its inode, for :func:`remove_socket_files`."""
-    return {item.unix_path: os.stat(item.unix_path).st_ino for item in listeners if item.unix_path}
+    files = {}
+    for item in listeners:
+        if item.unix_path:
+            with contextlib.suppress(OSError):
+                files[item.unix_path] = os.stat(item.unix_path).st_ino
+    return files
 
 
 def remove_socket_files(files: dict[str, int]) -> None:
@@ -210,42 +249,61 @@ def serve(
     serving: Serving,
     *,
     workers: int = 1,
+    on_worker_start: Callable[[], None] | None = None,
     on_worker_exit: Callable[[int], None] | None = None,
     on_orphaned: Callable[[], None] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status.
 
-    With several ``workers`` this process supervises them: ``on_worker_exit(pid)`` is called
-    for each worker that ended, and ``on_orphaned()`` in a worker that outlived its supervisor
+    With several ``workers`` this process supervises them: ``on_worker_start()`` is called in
+    each worker right after ``fork()``, ``on_worker_exit(pid)`` in the supervisor for each
+    worker that ended, and ``on_orphaned()`` in a worker that outlived its supervisor
     (SIGKILL), to remove what the supervisor would have removed at exit.
     """
     if workers == 1:
         return _run_worker(app_factory, socks, serving)
-    return _supervise(app_factory, socks, serving, workers, on_worker_exit, on_orphaned)
+    hooks = _Hooks(on_worker_start, on_worker_exit, on_orphaned)
+    return _supervise(app_factory, socks, serving, workers, hooks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    worker_start: Callable[[], None] | None
+    worker_exit: Callable[[int], None] | None
+    orphaned: Callable[[], None] | None
 
 
 class _InFlight:
-    """Requests being handled in this worker, for the stop's log line."""
+    """The requests being handled in this worker (the task of each), for the stop."""
 
-    __slots__ = ("cut", "now", "stopping")
+    __slots__ = ("_none_left", "tasks")
 
     def __init__(self) -> None:
-        self.now = 0
-        self.cut = 0  # cancelled while stopping: by the end of the grace period
-        self.stopping = False
+        self.tasks: set[asyncio.Task[object]] = set()
+        self._none_left: asyncio.Event | None = None  # only while the stop waits
 
     def wrap(self, handler: _Handler) -> _Handler:
         async def counted(request: web.BaseRequest) -> web.StreamResponse:
-            self.now += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)
             try:
                 return await handler(request)
-            except asyncio.CancelledError:
-                self.cut += self.stopping
-                raise
             finally:
-                self.now -= 1
+                self.tasks.discard(task)
+                if not self.tasks and self._none_left is not None:
+                    self._none_left.set()
 
         return counted
+
+    async def finished(self, deadline: float) -> bool:
+        """Whether every handler returned by ``deadline`` (the event loop's time)."""
+        self._none_left = asyncio.Event()
+        if self.tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._none_left.wait()
+        return not self.tasks
 
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -278,7 +336,8 @@ def _run_worker(
             # No access log is written: the logger class only tells the Guard (_Answered).
             access_log=log,
             access_log_class=_Answered,
-            shutdown_timeout=serving.shutdown_grace,
+            # Only for the answers decided when the grace period ended: see main() below.
+            shutdown_timeout=_LAST_WRITES,
             keepalive_timeout=serving.idle_timeout,
             # A scraper that hangs up cancels its handler, so the upstream exchange, its
             # connection and its concurrency slot are given back at once.
@@ -291,13 +350,15 @@ def _run_worker(
         )
         await runner.setup()
         assert runner.server is not None
+        server = runner.server
         in_flight = _InFlight()
-        runner.server.request_handler = in_flight.wrap(runner.server.request_handler)
+        server.request_handler = in_flight.wrap(server.request_handler)
+        grace = runner.app.get(STOPPING_KEY)
         live = Connections(shares, index)
         # Not web.SockSite: it cannot wrap the connection's protocol (the bounds), and it
         # would listen() again with a backlog of 128. Not loop.create_server either: see
         # aegis.accept for why each worker accepts one connection at a time.
-        protocol = Guard.factory(runner.server, serving.bounds, live)
+        protocol = Guard.factory(server, serving.bounds, live)
         acceptors = [
             Acceptor(
                 sock,
@@ -314,13 +375,31 @@ def _run_worker(
         stop = asyncio.Event()
         _watch_signals(loop, stop)
         await stop.wait()
-        connections, requests = len(live), in_flight.now
-        in_flight.stopping = True
+        end = loop.time() + serving.shutdown_grace
+        connections, requests = len(live), len(in_flight.tasks)
         for acceptor in acceptors:
             acceptor.close()
         # Refused from now on, rather than queued for nobody (the supervisor closes its copies).
         for sock in socks:
             sock.close()
+        # Idle keep-alive connections close now, the others after their answer: no new request
+        # starts during the grace period.
+        server.pre_shutdown()
+        # The grace period is kept here, not by aiohttp: its shutdown(timeout) waits the
+        # timeout, cancels, then waits the timeout again, so a stop took twice the grace period.
+        # Scrapes waiting for their upstream end at `end`, answered 503 (aegis.stopping).
+        if grace is not None:
+            grace.begin(end)
+        cut = 0
+        if not await in_flight.finished(end + _ANSWER_TIME):
+            # Whatever still runs (a handler that is not a scrape's wait) is cancelled.
+            cut = len(in_flight.tasks)
+            for task in in_flight.tasks:
+                task.cancel()
+            await in_flight.finished(loop.time() + _ANSWER_TIME)
+        if grace is not None:
+            cut += grace.cut
+        # The answers decided by now are written within _LAST_WRITES (twice, see above).
         await runner.cleanup()
         log.info(
             "worker %d stopped: %d connections were open, %d requests in flight, %d of them cut "
@@ -328,8 +407,8 @@ def _run_worker(
             os.getpid(),
             connections,
             requests,
-            in_flight.cut,
-            extra={"connections": connections, "in_flight": requests, "cut": in_flight.cut},
+            cut,
+            extra={"connections": connections, "in_flight": requests, "cut": cut},
         )
 
     # The worker's signals stay blocked and are taken from the pending set (_watch_signals): a
@@ -379,8 +458,7 @@ def _supervise(
     socks: list[socket.socket],
     serving: Serving,
     count: int,
-    on_worker_exit: Callable[[int], None] | None,
-    on_orphaned: Callable[[], None] | None,
+    hooks: _Hooks,
 ) -> int:
     watched = {signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -399,14 +477,16 @@ def _supervise(
             code = 1
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_BLOCKED})
+                if hooks.worker_start is not None:
+                    hooks.worker_start()
                 # SIGTERM when the supervisor dies, however it dies: a worker never serves
                 # unsupervised.
                 if die_with_parent(supervisor):
                     code = _run_worker(app_factory, socks, serving, shares, index)
                 if os.getppid() != supervisor:
                     log.warning("worker %d: the supervisor %d is gone", os.getpid(), supervisor)
-                    if on_orphaned is not None:
-                        on_orphaned()
+                    if hooks.orphaned is not None:
+                        hooks.orphaned()
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -438,16 +518,16 @@ def _supervise(
             index = workers.pop(pid)
             shares.leave(index)
             code = os.waitstatus_to_exitcode(status)
-            if on_worker_exit is not None:
-                on_worker_exit(pid)
+            if hooks.worker_exit is not None:
+                hooks.worker_exit(pid)
             if stopping_since is None:
                 log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
                 time.sleep(1.0)  # a worker that dies at once must not become a fork loop
                 workers[spawn(index)] = index
             elif code != 0:
                 failed = True
-        if stopping_since is not None and time.monotonic() - stopping_since > grace + 5:
-            log.error("workers did not stop within %.0f s; killing them", grace + 5)
+        if stopping_since is not None and time.monotonic() - stopping_since > grace + _KILL_AFTER:
+            log.error("workers did not stop within %.0f s; killing them", grace + _KILL_AFTER)
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
