@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
 
-from aegis.server import Listener
+from aegis.listeners import Listener
 from conftest import Upstreams
 
 

@@ -24,17 +24,10 @@ from aiohttp import web
 from . import __version__, logs, multiproc
 from .config import Config, ConfigError, parse_duration
 from .configfile import load_targets
+from .listeners import Listener, bind, remove_socket_files, socket_files, systemd_listeners
 from .process import raise_fd_limit
 from .proxy import make_app
-from .server import (
-    Listener,
-    Serving,
-    bind,
-    remove_socket_files,
-    serve,
-    socket_files,
-    systemd_listeners,
-)
+from .server import Serving, serve
 from .targets import Target, check_name
 from .timeouts import ConnectionBounds
 from .webauth import setup_web_config
