@@ -135,6 +135,11 @@ def test_python_dash_m_aegis_is_the_same_command():
         (["--web.idle-timeout=1.5s"], "--web.idle-timeout", "'1.5s'"),
         (["--log.level", "loud"], "--log.level", "loud"),
         (["--log.format", "text"], "--log.format", "text"),
+        (["--web.external-url", "ftp://x/"], "--web.external-url", "ftp://x/"),
+        (["--web.external-url=http://h:99999/"], "--web.external-url", "bad port"),
+        (["--web.external-url", "http://h/a%20b"], "--web.external-url", "/a%20b"),
+        (["--web.route-prefix", "/a?b"], "--web.route-prefix", "/a?b"),
+        (["--web.route-prefix=/a/../b"], "--web.route-prefix", "/a/../b"),
         (["--no-such-flag"], "--no-such-flag", ""),
     ],
 )

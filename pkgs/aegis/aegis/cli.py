@@ -22,8 +22,9 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__, logs, multiproc
-from .config import Config, ConfigError, parse_duration
+from .config import Config, ConfigError, normalize_route_prefix, parse_duration
 from .configfile import load_targets
+from .discovery import ExternalURL
 from .listeners import Listener, bind, remove_socket_files, socket_files, systemd_listeners
 from .process import raise_fd_limit
 from .proxy import make_app
@@ -74,6 +75,27 @@ def _log_level(text: str) -> str:
     if level not in logs.LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(logs.LEVELS)}")
     return level
+
+
+def _external_url(text: str) -> str:
+    """Checked as the flag is read, so the error names it; its path is the route prefix's
+    default, so it must be one too."""
+    if not text:
+        return text
+    try:
+        ExternalURL.parse(text)
+        normalize_route_prefix(urllib.parse.urlsplit(text).path or "/")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _prefix_flag(text: str) -> str:
+    try:
+        normalize_route_prefix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _route_prefix(given: str | None, external_url: str) -> str:
@@ -199,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.external-url",
         dest="external_url",
         metavar="URL",
+        type=_external_url,
         default="",
         help="how Prometheus reaches Aegis (scheme, host:port, path prefix), for /-/sd "
         "(default: the Host each client used)",
@@ -207,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--web.route-prefix",
         dest="route_prefix",
         metavar="PATH",
+        type=_prefix_flag,
         help="serve every path under this prefix, e.g. /aegis for a reverse proxy that passes "
         "/aegis/NAME on unchanged; / is the root (default: the path of --web.external-url)",
     )
