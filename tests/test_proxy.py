@@ -18,6 +18,8 @@ from aegisrun import Children, free_port, needs_aegis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from test_metrics import scrape
+from test_metrics import value as metric_value
 
 from aegis import proxy
 from aegis.proxy import LIMITS_KEY, MAX_SCRAPE_TIMEOUT, Config, deadline, make_app
@@ -80,7 +82,13 @@ async def test_only_get_and_head(
     response = await client.request(method, "/svc", data=b"x")
     assert response.status == 405
     assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+    assert (await client.request(method, "/random-name")).status == 405
     assert seen == []
+    # Counted, as every request for a target is, without the name as a label.
+    text = await scrape(client)
+    assert metric_value(text, "aegis_requests_total", target="", code="405") == 2
+    assert "random-name" not in text
+    assert 'target="svc"' not in text
 
 
 async def test_head_gives_the_head_without_a_body(

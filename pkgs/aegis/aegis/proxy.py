@@ -28,7 +28,7 @@ import pwd
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 
 from . import discovery
@@ -163,7 +163,16 @@ def make_app(
     app.router.add_get(prefix + "/-/sd", service_discovery)
     app.router.add_get(prefix + "/-/metrics", own_metrics)
     app.router.add_get(prefix + "/{name}", _handle)
+    # Any other method on a name is answered here rather than by the router, so it is counted.
+    app.router.add_route(hdrs.METH_ANY, prefix + "/{name}", _method_not_allowed)
     return app
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    """A scrape is GET or HEAD; anything else is 405, counted under ``target=""`` (the name is
+    not looked at, so it never becomes a label)."""
+    request.app[METRICS_KEY].request("", 405)
+    return web.Response(status=405, text="only GET and HEAD\n", headers={hdrs.ALLOW: "GET,HEAD"})
 
 
 def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
