@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import logging
 import os
 import shutil
 import socket
@@ -667,6 +668,7 @@ async def test_an_unexpected_error_is_a_counted_502_logged_once(
         raise RuntimeError("injected bug")
 
     monkeypatch.setattr(proxy, "relayed_fields", broken)
+    caplog.set_level(logging.DEBUG, "aegis.proxy")
     registry = CollectorRegistry()
     client = await aegis(registry=registry, max_concurrent_per_target=1)
     for _ in range(3):
@@ -680,10 +682,42 @@ async def test_an_unexpected_error_is_a_counted_502_logged_once(
     )
     assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"}) == 3
     assert registry.get_sample_value("aegis_requests_in_flight") == 0
-    # Once per request, with its traceback.
+    # Once with its traceback; the same failure again within the minute only at debug level,
+    # so that whatever makes it happen cannot flood the log.
     logged = [record for record in caplog.records if record.exc_info is not None]
-    assert len(logged) == 3
-    assert caplog.text.count("RuntimeError: injected bug") == 3
+    assert len(logged) == 1
+    assert logged[0].levelno == logging.ERROR
+    assert caplog.text.count("RuntimeError: injected bug") == 1
+    quiet = [r for r in caplog.records if "internal error in the proxy" in r.getMessage()]
+    assert [r.levelno for r in quiet] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+
+
+async def test_failures_any_client_can_repeat_are_logged_once_a_minute_per_target(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stale socket, a deadline no service can meet, a name that is not allowed: as fast as a
+    client asks, one line per kind and target, the rest at debug level."""
+    await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    for stale in ("stale", "other"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(sockdir / f"{stale}.sock"))
+    client = await aegis()
+    caplog.set_level(logging.DEBUG, "aegis.proxy")
+    tiny = {"X-Prometheus-Scrape-Timeout-Seconds": "1e-9"}
+    for _ in range(20):
+        assert (await client.get("/stale")).status == 502
+        assert (await client.get("/other")).status == 502
+        assert (await client.get("/svc", headers=tiny)).status == 504
+        assert (await client.get("/a%20b")).status == 400
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(loud) == 3, loud
+    assert sum(m.startswith("502 stale: ") for m in loud) == 1
+    assert sum(m.startswith("502 other: ") for m in loud) == 1  # not held back by "stale"
+    assert sum(m.startswith("504 svc: ") for m in loud) == 1
+    held = [
+        r for r in caplog.records if r.levelno == logging.DEBUG and "502 stale" in r.getMessage()
+    ]
+    assert len(held) == 19
 
 
 async def test_with_basic_auth_odd_header_bytes_pass_and_credentials_do_not(

@@ -30,6 +30,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from .logs import RateLimited
 from .process import release_free_memory
 
 __all__ = ["Acceptor", "Connections", "Shares"]
@@ -154,6 +155,7 @@ class Acceptor:
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._waiting: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._accept_errors = RateLimited(log, level=logging.ERROR)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._watching = False
@@ -202,7 +204,10 @@ class Acceptor:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
-            log.error("cannot accept a connection: %s", exc.strerror or exc)
+            # Out of descriptors, this repeats every pause for as long as it lasts.
+            self._accept_errors.log(
+                f"cannot accept a connection: {exc.strerror or exc}", {}, stacklevel=2
+            )
             if exc.errno in _OUT_OF_FDS:
                 # The listening socket stays readable: stop watching it for a moment, not spin.
                 self._unwatch()

@@ -16,7 +16,8 @@ renamed ``logged_KEY``, as promslog does, so no key appears twice.
 :func:`configure` is for programs (the ``aegis`` command); the library only logs.
 :class:`MalformedRequests` turns aiohttp's traceback for each request it cannot parse into
 a debug line. :class:`RateLimited` keeps a flood (refused credentials, failed TLS handshakes)
-to one line per interval that counts what it left out.
+to one line per interval that counts what it left out; :class:`Throttled` does so per key
+(a failing scrape's kind and target).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -41,6 +42,7 @@ __all__ = [
     "LogfmtFormatter",
     "MalformedRequests",
     "RateLimited",
+    "Throttled",
     "configure",
 ]
 
@@ -223,7 +225,16 @@ class RateLimited:
         self._suppressed = 0
         self._lock = threading.Lock()  # the TLS hook may run outside the event loop's thread
 
-    def log(self, msg: str, fields: Mapping[str, object]) -> None:
+    def log(
+        self,
+        msg: str,
+        fields: Mapping[str, object],
+        *,
+        exc_info: BaseException | None = None,
+        stacklevel: int = 2,
+    ) -> None:
+        """``exc_info`` goes with the full line only; ``stacklevel`` names the line's source as
+        :meth:`logging.Logger.log` does, counted from the caller of this method."""
         now = self._clock()
         with self._lock:
             if now < self._next:
@@ -235,5 +246,44 @@ class RateLimited:
                 if self._suppressed:
                     extra["suppressed"] = self._suppressed
                 self._suppressed = 0
-        # stacklevel 2: the line's source is the caller, not this method.
-        self._logger.log(level, msg, extra=extra, stacklevel=2)
+        # The line's source is the caller, not this method.
+        shown = exc_info if level == self._level else None
+        self._logger.log(level, msg, extra=extra, exc_info=shown, stacklevel=stacklevel)
+
+
+class Throttled:
+    """A :class:`RateLimited` line per key, such as a kind of failure and its target: a flood
+    of one holds back no other. A key's level is the one it was first logged at. At most
+    ``max_keys`` are remembered; past that they start over (each then says one line again)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = 60.0,
+        max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._max_keys = max_keys
+        self._clock = clock
+        self._lines: dict[Hashable, RateLimited] = {}
+
+    def log(
+        self,
+        key: Hashable,
+        level: int,
+        msg: str,
+        fields: Mapping[str, object] | None = None,
+        *,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        line = self._lines.get(key)
+        if line is None:
+            if len(self._lines) >= self._max_keys:
+                self._lines.clear()
+            line = self._lines[key] = RateLimited(
+                self._logger, interval=self._interval, level=level, clock=self._clock
+            )
+        line.log(msg, fields or {}, exc_info=exc_info, stacklevel=3)

@@ -35,6 +35,7 @@ from . import discovery
 from .config import Config, ConfigError, parse_duration
 from .dirwatch import DirectoryWatch
 from .limits import Limits
+from .logs import Throttled
 from .metrics import ProxyMetrics, serve_metrics
 from .relay import Relayed, relayed_fields
 from .stopping import STOPPING_KEY, GracePeriod
@@ -59,6 +60,9 @@ POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
 WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
+#: Failed scrapes' log lines: one a minute per kind of failure and target, whatever a client
+#: (or a broken service) makes happen; the rest at debug level, counted in the next line.
+FAILURES_KEY = web.AppKey("aegis_failure_log", Throttled)
 #: Set on a request by whatever checked its ``Authorization`` (basic auth in front of the proxy):
 #: those are Aegis' credentials, never forwarded. A flag rather than a copy of the request, whose
 #: headers aiohttp would re-encode from text (and fail on bytes that are not UTF-8).
@@ -87,6 +91,8 @@ FAILURE_STATUS = {
     "overloaded": 503,
     "stopping": 503,
 }
+# Failures any client can cause for any name, at any rate: logged at debug level only.
+_QUIET = frozenset({"bad_name", "unknown", "overloaded", "directory"})
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what a GET without a body never forwards.
 _HOP_BY_HOP = frozenset(
@@ -137,6 +143,7 @@ def make_app(
         registry, watch.count_targets, multiprocess_dir=multiprocess_dir
     )
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
+    app[FAILURES_KEY] = Throttled(log)
     app[STOPPING_KEY] = GracePeriod()
     app.cleanup_ctx.append(_upstream_pool)
     external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
@@ -227,6 +234,7 @@ class _Scrape:
         "budget",
         "conn",
         "counted",
+        "failures",
         "grace",
         "limits",
         "metrics",
@@ -236,12 +244,18 @@ class _Scrape:
     )
 
     def __init__(
-        self, metrics: ProxyMetrics, limits: Limits, pool: UpstreamPool, grace: GracePeriod
+        self,
+        metrics: ProxyMetrics,
+        limits: Limits,
+        pool: UpstreamPool,
+        grace: GracePeriod,
+        failures: Throttled,
     ) -> None:
         self.metrics = metrics
         self.limits = limits
         self.pool = pool
         self.grace = grace
+        self.failures = failures
         self.budget: asyncio.Timeout | None = None  # the upstream deadline, once it runs
         self.target = ""  # the metrics label: "" until a name resolved
         self.admitted = False
@@ -285,17 +299,21 @@ class _Scrape:
         details (paths, owners), and answered with a one-line reason."""
         status = FAILURE_STATUS[kind]
         self.count(status, kind)
-        if kind in ("unknown", "overloaded", "directory"):
-            level = logging.DEBUG  # a flood of random names or refusals must not flood the log
+        line = f"{status} {name}: {reason}{f' ({detail})' if detail else ''}"
+        if kind in _QUIET:
+            log.debug(line)
         else:
+            # Keyed by the label, never the name: "" for every name that resolved to nothing.
             level = logging.INFO if status < 500 else logging.WARNING
-        log.log(level, "%s %s: %s%s", status, name, reason, f" ({detail})" if detail else "")
+            self.failures.log((kind, self.target), level, line)
         return web.Response(status=status, text=reason + "\n")
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
     app = request.app
-    with _Scrape(app[METRICS_KEY], app[LIMITS_KEY], app[POOL_KEY], app[STOPPING_KEY]) as scrape:
+    with _Scrape(
+        app[METRICS_KEY], app[LIMITS_KEY], app[POOL_KEY], app[STOPPING_KEY], app[FAILURES_KEY]
+    ) as scrape:
         try:
             return await _proxy(request, scrape)
         except Exception as exc:  # every request ends in a deliberate answer
@@ -379,7 +397,11 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
             return scrape.fail(kind, name, f"{whose}: {reason}", endpoint.socket)
         # The status line is out: the only honest signal left is to break the connection.
         scrape.count(scrape.response.status, kind)
-        log.warning("%s: aborted mid-response: %s (%s)", name, reason, endpoint.socket)
+        scrape.failures.log(
+            ("aborted", name),
+            logging.WARNING,
+            f"{name}: aborted mid-response: {reason} ({endpoint.socket})",
+        )
         _abort_client(request)
         return scrape.response
     metrics.upstream(name, time.perf_counter() - started)
@@ -398,7 +420,12 @@ def _unexpected(request: web.Request, scrape: _Scrape, exc: Exception) -> web.St
         if not scrape.counted:
             scrape.count(CLIENT_CLOSED, "client_closed")
         return response if response is not None else web.Response(status=CLIENT_CLOSED)
-    log.error("%s: internal error in the proxy", scrape.target or "?", exc_info=exc)
+    scrape.failures.log(
+        ("internal", scrape.target),
+        logging.ERROR,
+        f"{scrape.target or '?'}: internal error in the proxy",
+        exc_info=exc,
+    )
     if response is not None and response.prepared:
         if not scrape.counted:
             scrape.count(response.status, "internal")
