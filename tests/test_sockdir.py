@@ -446,3 +446,42 @@ async def test_a_listable_unsearchable_directory_of_links_fails_discovery(
     os.chmod(sockdir, 0o755)
     assert (await fresh_get(f"{url}/-/sd"))[0] == 200
     assert await aegis.stop() == 0
+
+
+async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Each request on the connection: a one-line page."""
+    while await reader.readuntil(b"\r\n\r\n"):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok 1\n")
+        await writer.drain()
+
+
+@needs_aegis
+async def test_every_worker_gives_a_target_the_same_label(
+    upstreams: Upstreams, sockdir: Path, children: Children
+) -> None:
+    """Past the bound, a target's counts stay whole whichever worker answers: all the workers
+    take their labels from one shared list, and the bound is the server's."""
+    names = [f"t{i:03d}" for i in range(MAX_TARGET_LABELS + 40)]
+    for name in names:
+        await upstreams.raw(sockdir / f"{name}.sock", _answer_ok)
+    aegis, port = await children.serve(sockdir, "--workers", "2")
+    await aegis.wait_for_output("2 workers: ")
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(3):
+        for name in names:  # fresh connections: both workers answer, in no set order
+            assert (await fresh_get(f"{url}/{name}")) == (200, b"ok 1\n")
+    status, metrics = await fresh_get(f"{url}/-/metrics")
+    assert status == 200
+    text = metrics.decode()
+    counts = {
+        sample.labels["target"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "aegis_requests_total" and sample.labels["code"] == "200"
+    }
+    assert len(counts) == MAX_TARGET_LABELS  # 255 names and "*" ("" has had no 200)
+    assert set(counts.values()) - {3.0} == {3.0 * (len(names) - MAX_TARGET_LABELS + 1)}
+    assert counts[OTHER_TARGETS] == 3.0 * (len(names) - MAX_TARGET_LABELS + 1)
+    assert sum(counts.values()) == 3 * len(names)
+    assert await aegis.stop() == 0
+    assert aegis.output().count("more targets than the metrics label") == 1, aegis.output()

@@ -5,9 +5,9 @@ one, so several applications in one process (tests, or a program mounting Aegis)
 
 Label cardinality is bounded by what exists: ``target`` is the name of a target that resolved
 (a socket that was there, or an explicit target), and ``""`` for every request that named none —
-a flood of random names (404) or malformed ones (400) adds no series. And by a number: a process
-gives out at most :data:`MAX_TARGET_LABELS` values, since a series lives as long as the process;
-targets past it share ``target="*"``.
+a flood of random names (404) or malformed ones (400) adds no series. And by a number: Aegis
+gives out at most :data:`MAX_TARGET_LABELS` values (all the workers together), since a series
+lives as long as the server; targets past it share ``target="*"``.
 
 Several worker processes (``aegis --workers N``) each count their own requests, and a scrape
 lands on one of them. With ``multiprocess_dir`` the values live in prometheus_client's per-process
@@ -19,6 +19,8 @@ workers) is process-wide state, and belongs to the command line (:mod:`aegis.mul
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import logging
 import os
@@ -68,6 +70,8 @@ class _WorkersCollector(MultiProcessCollector):
 MAX_TARGET_LABELS = 256
 #: The ``target`` label of the targets past :data:`MAX_TARGET_LABELS`: no target name can be it.
 OTHER_TARGETS = "*"
+# In the multiprocess directory (prometheus_client reads only its *.db files): one target a line.
+_LABELS_FILE = "target-labels"
 
 log = logging.getLogger("aegis.metrics")
 
@@ -130,6 +134,12 @@ class ProxyMetrics:
         self._error_children: dict[tuple[str, str], Counter] = {}
         self._labelled: set[str] = {""}  # "": the name matched no target
         self._overflowed = False
+        # With several workers, which targets have a label is decided once for all of them, in
+        # a file they share: each deciding alone, one target's counts would be split between
+        # its own series (in one worker) and "*" (in another).
+        self._shared_labels = (
+            None if multiprocess_dir is None else Path(multiprocess_dir) / _LABELS_FILE
+        )
         registry.register(_TargetsCollector(count_targets))
         registry.register(_BuildInfoCollector())
         if multiprocess_dir is None:
@@ -168,17 +178,44 @@ class ProxyMetrics:
         been given out, else :data:`OTHER_TARGETS`. Looked up only when a child is not cached."""
         if target in self._labelled:
             return target
-        if len(self._labelled) < MAX_TARGET_LABELS:
+        if self._overflowed:
+            return OTHER_TARGETS
+        announce = True
+        if self._shared_labels is not None:
+            with contextlib.suppress(OSError):  # the file gone: this process decides alone
+                names, announce = _claim(self._shared_labels, target)
+                self._labelled.update(names)
+        elif len(self._labelled) < MAX_TARGET_LABELS:
             self._labelled.add(target)
+        if target in self._labelled:
             return target
-        if not self._overflowed:
-            self._overflowed = True
+        self._overflowed = True  # all given out: that never changes again
+        if announce:
             log.warning(
                 "more targets than the metrics label: the rest are counted as target=%r",
                 OTHER_TARGETS,
                 extra={"labelled": MAX_TARGET_LABELS, "target": target},
             )
         return OTHER_TARGETS
+
+
+def _claim(path: Path, target: str) -> tuple[list[str], bool]:
+    """The targets given a label so far by every worker, ``target`` among them if there was
+    room for it (appended under a lock that serialises the workers); and whether this is the
+    first refusal of all (then this worker says so, once for the server)."""
+    with open(path, "a+", encoding="utf-8") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file is closed
+        file.seek(0)
+        names = ["", *file.read().split("\n")[:-1]]
+        first_refusal = False
+        if target not in names:
+            if len(names) < MAX_TARGET_LABELS:
+                file.write(target + "\n")
+                names.append(target)
+            elif OTHER_TARGETS not in names:
+                file.write(OTHER_TARGETS + "\n")  # a mark, past the names
+                first_refusal = True
+    return names, first_refusal
 
 
 def _cache(children: dict[_K, _C], key: _K, child: _C) -> _C:
