@@ -462,3 +462,30 @@ async def test_a_pipelined_head_has_its_deadline_from_the_end_of_the_answer_befo
         # (loose bounds: the machine is small and shared).
         assert rest_of_it == b""
         assert 0.5 < closed < 5.0, closed
+
+
+@needs_aegis
+@pytest.mark.parametrize(
+    "body", [b"ab\r\n\r\ncd", b"\r\n\r\n\r\n\r\n"], ids=["blank-line-inside", "blank-lines-only"]
+)
+async def test_a_request_with_a_body_closes_its_connection_after_the_answer(
+    body: bytes, children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """Scrapes have no body. One whose body holds a blank line would look like one head more
+    to the head deadline's accounting; the connection ends with its answer instead, so a head
+    dribbled after it can never outlast the deadline."""
+    await upstreams.metrics(sockdir / "ok.sock", "ok_value 1\n")
+    _, port = await children.serve(
+        sockdir, "--workers", "1", "--web.read-header-timeout=1s", "--web.idle-timeout=60s"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = b"GET /ok HTTP/1.1\r\nHost: aegis\r\nContent-Length: %d\r\n\r\n" % len(body)
+        writer.write(head + body + b"GET /ok HTTP/1.1\r\nX-Pad: ")
+        async with asyncio.timeout(20):
+            answer = await reader.read(-1)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    assert answer.endswith(b"ok_value 1\n")
+    assert answer.count(b"HTTP/1.1 ") == 1

@@ -135,7 +135,12 @@ _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class _Answered(AbstractAccessLogger):
     """Not a log: aiohttp calls an access logger once each answer is written out (after
     ``write_eof``, its drain included), on every path, its own error pages too. That is when a
-    request pipelined behind the answer starts its head deadline (:meth:`Guard.answered`)."""
+    request pipelined behind the answer starts its head deadline (:meth:`Guard.answered`).
+
+    A request with a body (never a scrape's: GET and HEAD only) closes its connection after its
+    answer: the Guard tells heads apart by their blank line, and a body holding one would leave
+    it a head ahead of aiohttp for good, waiting for an answer that never comes instead of
+    timing the next head."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         transport = request.transport
@@ -143,6 +148,8 @@ class _Answered(AbstractAccessLogger):
             guard = transport.get_protocol()
             if isinstance(guard, Guard):
                 guard.answered()
+        if request.body_exists:
+            request.protocol.close()
 
 
 def _run_worker(
