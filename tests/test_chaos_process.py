@@ -355,3 +355,30 @@ async def test_the_open_files_limit_is_raised_to_the_hard_limit_and_reported(
     assert reported is not None, page
     assert float(reported.group(1)) == hard
     await assert_invariants(aegis, port)
+
+
+@needs_aegis
+async def test_a_stop_right_after_the_start_line_is_a_clean_stop(
+    sockdir: Path, tmp_path: Path, children: Children, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the start line on, a stop signal waits for the server to take it: one that came
+    while the listener and the metrics directory were being made left them behind (and 143)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    listener = tmp_path / "aegis.sock"
+    for attempt in range(8):
+        aegis = children.start(
+            *("--web.listen-address", f"unix:{listener}", "-sockdir", str(sockdir)),
+            *("--workers", "2"),
+        )
+        deadline = time.monotonic() + 30
+        while " -> " not in aegis.output():
+            assert aegis.popen.poll() is None, aegis.output()
+            assert time.monotonic() < deadline, aegis.output()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(attempt * 0.002)  # at a different moment of the start each time
+        aegis.popen.send_signal(signal.SIGTERM)
+        assert await aegis.wait(within=30) == 0, aegis.output()
+        assert not listener.exists(), aegis.output()
+        assert list(scratch.iterdir()) == [], aegis.output()

@@ -13,6 +13,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import signal
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ from .webauth import setup_web_config
 from .webconfig import WebConfig, WebConfigError, load_web_config, server_ssl_context
 
 log = logging.getLogger("aegis")
+
+# Stop signals and SIGHUP: the server takes them from the pending set (aegis.server).
+_HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 DEFAULT_HOSTPORT = "[::]:31337"
 DEFAULT_SOCKDIR = "./run"
@@ -395,6 +399,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_timeout=args.idle_timeout,
     )
     # The original's start line, HOSTPORT -> SOCKDIR, with the directory the workers will scan.
+    # From here on a stop signal waits (pending) until the server takes it: one that came
+    # while the sockets and the metrics directory were being made would otherwise leave them
+    # behind, and end Aegis with 143 instead of its stop.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        return _serve(args, config, web_config, listeners, serving)
+    finally:
+        # Taken here if nothing took it (a failed start): the failure's status stands.
+        while signal.sigtimedwait(_HELD_SIGNALS, 0) is not None:
+            pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _serve(
+    args: argparse.Namespace,
+    config: Config,
+    web_config: WebConfig | None,
+    listeners: list[Listener],
+    serving: Serving,
+) -> int:
     log.info("%s -> %s", ", ".join(map(str, listeners)), os.path.abspath(args.sockdir))
     if serving.ssl_context:
         log.info("serving TLS only (%s)", args.web_config)
