@@ -763,3 +763,37 @@ async def test_endless_trailers_are_cut_off_at_the_bound(
         await response.read()
     labels = {"target": "svc", "kind": "too_large"}
     assert registry.get_sample_value("aegis_upstream_errors_total", labels) == 1
+
+
+async def test_a_scraper_too_slow_for_its_own_deadline_is_not_the_services_timeout(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """The service streams its page at once; the scraper reads none of it before its deadline:
+    the page is cut, and counted as the scraper's doing."""
+    piece = b"big_metric 1\n" * 5000
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(200):  # 13 MB, far past every buffer on the way
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+    await upstreams.http(sockdir / "big.sock", big)
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    with socket.create_connection(("127.0.0.1", client.port)) as scraper:
+        scraper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        scraper.sendall(
+            b"GET /big HTTP/1.1\r\nHost: aegis\r\nX-Prometheus-Scrape-Timeout-Seconds: 1.5\r\n\r\n"
+        )
+        await asyncio.sleep(3)  # the 1 s deadline passes while nothing is read
+    errors = {"target": "big", "kind": "client_slow"}
+    for _ in range(100):
+        if registry.get_sample_value("aegis_upstream_errors_total", errors) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert registry.get_sample_value("aegis_upstream_errors_total", errors) == 1
+    timeout = {"target": "big", "kind": "timeout"}
+    assert registry.get_sample_value("aegis_upstream_errors_total", timeout) is None

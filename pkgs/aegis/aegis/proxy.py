@@ -88,6 +88,7 @@ FAILURE_STATUS = {
     "too_large": 502,
     "internal": 502,
     "timeout": 504,
+    "client_slow": 504,
     "overloaded": 503,
     "stopping": 503,
 }
@@ -241,6 +242,7 @@ class _Scrape:
         "pool",
         "response",
         "target",
+        "writing",
     )
 
     def __init__(
@@ -262,6 +264,7 @@ class _Scrape:
         self.conn: Exchange | None = None
         self.response: web.StreamResponse | None = None
         self.counted = False
+        self.writing = False  # waiting for the scraper to take a piece of a streamed page
 
     def __enter__(self) -> _Scrape:
         self.metrics.in_flight.inc()
@@ -378,9 +381,9 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
                 response.force_close()  # the body ends with the connection
             await response.prepare(request)
             if first:
-                await response.write(first)
+                await _write(scrape, response, first)
             while chunk := await conn.read():
-                await response.write(chunk)
+                await _write(scrape, response, chunk)
     except PermissionError:
         detail = _permission_detail(endpoint.socket)
         return scrape.fail("permission", name, "permission denied", detail)
@@ -389,6 +392,9 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
             kind, reason = exc.kind, exc.reason
         elif scrape.grace.ended():
             kind, reason = "stopping", "the grace period ended"
+        elif scrape.writing:
+            # The service kept up; the scraper did not read the page within its own deadline.
+            kind, reason = "client_slow", "deadline exceeded while the scraper read the page"
         else:
             kind, reason = "timeout", "upstream deadline exceeded"
         metrics.upstream(name, time.perf_counter() - started)
@@ -407,6 +413,12 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
     metrics.upstream(name, time.perf_counter() - started)
     scrape.count(response.status)
     return response
+
+
+async def _write(scrape: _Scrape, response: web.StreamResponse, data: bytes) -> None:
+    scrape.writing = True
+    await response.write(data)
+    scrape.writing = False
 
 
 def _unexpected(request: web.Request, scrape: _Scrape, exc: Exception) -> web.StreamResponse:
