@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
 import logging
 import os
 import platform
@@ -143,6 +142,8 @@ _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armv7l": "arm
 
 def version_text() -> str:
     """What ``--version`` prints, in the shape of Prometheus' ``version.Print``."""
+    import importlib.metadata  # here, not at the top: it brings in zipfile, csv and more (~0.5 MB)
+
     try:
         loop = f"uvloop {importlib.metadata.version('uvloop')}"
     except importlib.metadata.PackageNotFoundError:

@@ -6,7 +6,6 @@ Linux only, through ``resource`` and ``prctl(2)``; both are allowed to an unpriv
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import resource
@@ -40,6 +39,8 @@ def die_with_parent(parent: int, signum: signal.Signals = signal.SIGTERM) -> boo
     should not run then. A refused request (a seccomp filter) is logged, and the caller runs
     without that guarantee rather than not at all.
     """
+    import ctypes  # here, not at the top: only workers forked by a supervisor need it
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
         errno = ctypes.get_errno()
@@ -55,6 +56,8 @@ def release_free_memory() -> None:
     many connections each held a large request head for a while: hundreds of megabytes that no
     longer hold anything. Elsewhere than glibc there is no such call, and nothing is done.
     """
+    import ctypes
+
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
