@@ -183,13 +183,17 @@ def group_cpu_seconds(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def group_pss_kib(pgid: int) -> int:
-    """PSS of every process in the group, added up: shared pages split among their users."""
+def group_pss_kib(pgid: int, field: str = "Pss:") -> int:
+    """PSS of every process in the group, added up: shared pages split among their users.
+
+    ``field="Pss_Anon:"``: only the anonymous part, the processes' own memory. The file-backed
+    rest (the interpreter, libc, the extension modules) is split among every process on the
+    machine that maps the same files, so it moves with whatever else runs."""
     total = 0
     for pid in group_members(pgid):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
+                if line.startswith(field):
                     total += int(line.split()[1])
                     break
         except (OSError, ValueError, IndexError):
@@ -468,17 +472,19 @@ def extras(bench: Bench) -> None:
     # Start-up, from the command to the first proxied 200; then the memory of a fresh server
     # that answered that one scrape and /-/metrics (the "idle" of the targets).
     for workers in ("1", "2"):
-        times, idle = [], []
+        times, idle, own = [], [], []
         for _ in range(3):
             peer = bench.start_aegis(f"startup-{workers}", bench.sockdir, "--workers", workers)
             times.append(wait_ok(peer, "/small") * 1000)
             get(peer.port, "/-/metrics")
             time.sleep(1.0)
             idle.append(group_pss_kib(peer.proc.pid))
+            own.append(group_pss_kib(peer.proc.pid, "Pss_Anon:"))
             bench.procs.stop(peer.proc)
         print(
             f"--workers {workers}: start-up to first 200 {ms_summary(times)}; fresh idle PSS "
-            f"{' '.join(mib(kib) for kib in idle)} MB"
+            f"{' '.join(mib(kib) for kib in idle)} MB, of it anonymous (the processes' own) "
+            f"{' '.join(mib(kib) for kib in own)} MB"
         )
 
     # A directory of 10 000 sockets (files left by closed listeners: sockets all the same)
