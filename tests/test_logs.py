@@ -16,7 +16,14 @@ from aegisrun import Children, needs_aegis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aegis.logs import JSONFormatter, LogfmtFormatter, RateLimited, configure, logfmt_value
+from aegis.logs import (
+    JSONFormatter,
+    LogfmtFormatter,
+    RateLimited,
+    Throttled,
+    configure,
+    logfmt_value,
+)
 from conftest import raw_http
 
 _GO_UNESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -222,6 +229,32 @@ def test_rate_limited_lines_count_what_they_held_back(caplog: pytest.LogCaptureF
         (logging.WARNING, "d", 2),
     ]
     # The line's source is where the event happened, not the limiter.
+    assert {r.filename for r in caplog.records} == {"test_logs.py"}
+
+
+def test_throttled_lines_are_limited_per_key(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    throttled = Throttled(logging.getLogger("aegis.test"), interval=60, max_keys=2, clock=clock)
+    caplog.set_level(logging.DEBUG, "aegis.test")
+    for _ in range(3):
+        throttled.log(("refused", "a"), logging.WARNING, "502 a")
+        throttled.log(("refused", "b"), logging.WARNING, "502 b")  # not held back by a's
+    error = RuntimeError("bug")
+    throttled.log(("internal", "a"), logging.ERROR, "bug in a", exc_info=error)  # a third key
+    throttled.log(("refused", "a"), logging.WARNING, "502 a")  # forgotten: said again
+    throttled.log(("internal", "a"), logging.ERROR, "bug in a", exc_info=error)
+    seen = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert seen == [
+        (logging.WARNING, "502 a", False),
+        (logging.WARNING, "502 b", False),
+        (logging.DEBUG, "502 a", False),
+        (logging.DEBUG, "502 b", False),
+        (logging.DEBUG, "502 a", False),
+        (logging.DEBUG, "502 b", False),
+        (logging.ERROR, "bug in a", True),
+        (logging.WARNING, "502 a", False),
+        (logging.DEBUG, "bug in a", False),  # the traceback goes with the full line only
+    ]
     assert {r.filename for r in caplog.records} == {"test_logs.py"}
 
 
