@@ -5,8 +5,9 @@ and a deadline on writing to a client that stopped reading.
   nothing, but its timer is cancelled by the first byte of a request: a client that dribbles a
   header byte a second (a slowloris) would keep its connection for as long as it likes. As Go's
   ``http.Server.ReadHeaderTimeout`` does, the whole head (request line and headers, up to the
-  blank line) must be in within the deadline from the connection's start or from the first byte
-  of a following request, or the connection is closed without an answer. A request pipelined
+  blank line) must be in within the deadline from the accept (a TLS handshake included: the
+  :class:`~aegis.accept.Acceptor` says when the first head is due) or from the first byte of a
+  following request, or the connection is closed without an answer. A request pipelined
   behind one still being answered has its deadline from the end of that answer (Go's server
   reads the next request only then): the head may well be unfinished because the client reads
   the answer before sending the rest, and a deadline from its first byte would cut the answer.
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from .accept import Connections
+from .accept import Connections, ProtocolFactory
 
 __all__ = ["ConnectionBounds", "Guard"]
 
@@ -82,6 +83,7 @@ class Guard(asyncio.Protocol):
         "_answered",
         "_bounds",
         "_deferred",
+        "_first_due",
         "_head_bytes",
         "_heads",
         "_heavy",
@@ -95,9 +97,16 @@ class Guard(asyncio.Protocol):
     )
 
     def __init__(
-        self, inner: asyncio.Protocol, bounds: ConnectionBounds, live: Connections | None = None
+        self,
+        inner: asyncio.Protocol,
+        bounds: ConnectionBounds,
+        live: Connections | None = None,
+        first_due: float | None = None,
     ) -> None:
         self._inner = inner
+        # When the first head is due (the event loop's time), if the connection began before
+        # connection_made: a TLS handshake takes its time from that head's deadline.
+        self._first_due = first_due
         self._bounds = bounds
         self._live = live
         self._timer: asyncio.TimerHandle | None = None
@@ -117,9 +126,9 @@ class Guard(asyncio.Protocol):
         inner: Callable[[], asyncio.Protocol],
         bounds: ConnectionBounds,
         live: Connections | None = None,
-    ) -> Callable[[], asyncio.Protocol]:
+    ) -> ProtocolFactory:
         """A protocol factory; ``live`` (if given) holds every connection open at the moment."""
-        return lambda: cls(inner(), bounds, live)
+        return lambda first_due: cls(inner(), bounds, live, first_due)
 
     def _arm(self) -> None:
         """A new head begins: its deadline starts now, or once the answers before it are out."""
@@ -213,7 +222,11 @@ class Guard(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
         if self._live is not None:
             self._live.add(self)
-        self._arm()
+        if self._first_due is None:
+            self._arm()
+        else:
+            # Already past due (a handshake that used the whole deadline) fires at once.
+            self._timer = asyncio.get_running_loop().call_at(self._first_due, self._late)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
