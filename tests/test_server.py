@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import os
 import re
+import select
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
 
 from aegis.listeners import Listener
@@ -489,3 +492,91 @@ async def test_a_request_with_a_body_closes_its_connection_after_the_answer(
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
     assert answer.endswith(b"ok_value 1\n")
     assert answer.count(b"HTTP/1.1 ") == 1
+
+
+# --- the write deadline: time without progress, not time with a full buffer ---
+
+#: A megabyte: half of it waits in Aegis (the kernel takes 512 KiB before it stops the writes)
+#: while a slow client reads, so the transport stays paused for seconds at a time.
+SLOW_READ_PAGE = "".join(f'slowly_read_value{{n="{i:07d}"}} 1\n' for i in range(32000))
+
+
+def write_deadline_client(
+    where: int | Path, ctx: ssl.SSLContext | None, read: bool
+) -> tuple[float, bytes]:
+    """Scrape ``/big`` on a connection with a small receive buffer: reading 4 KB every 20 ms
+    (steady, far slower than Aegis writes) if ``read``, else nothing. How long until the
+    connection ended, and what was read."""
+    if isinstance(where, Path):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(where))
+    else:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        sock.connect(("127.0.0.1", where))
+    sock.settimeout(60)
+    if ctx is not None:
+        sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+    started = time.monotonic()
+    parts = []
+    with sock:
+        if not read:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: aegis\r\n\r\n")
+            # Wait for the end without reading a byte: a reset (TCP) or a close (Unix).
+            poll = select.poll()
+            poll.register(sock.fileno(), select.POLLRDHUP)
+            poll.poll(30_000)
+            return time.monotonic() - started, b""
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: aegis\r\nConnection: close\r\n\r\n")
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while data := sock.recv(4096):
+                parts.append(data)
+                time.sleep(0.02)
+    return time.monotonic() - started, b"".join(parts)
+
+
+@needs_aegis
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+async def test_the_write_deadline_spares_a_slow_reader_and_cuts_one_that_reads_nothing(
+    unix: bool, tls: bool, tmp_path: Path, children: Children, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """The write timeout is time without progress: a client that reads, however slowly, gets
+    its whole answer, long after the deadline; one that reads nothing is cut at it."""
+    await upstreams.metrics(sockdir / "big.sock", SLOW_READ_PAGE)
+    listener = tmp_path / "aegis.sock"
+    flags = ["--workers", "1", "--web.write-timeout=500ms", "--scrape.timeout=60s"]
+    ctx = None
+    if tls:
+        ca = trustme.CA()
+        pem = ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem
+        pem.write_to_path(str(tmp_path / "s.pem"))
+        (tmp_path / "web.yml").write_text(
+            "tls_server_config:\n  cert_file: s.pem\n  key_file: s.pem\n"
+        )
+        flags += ["--web.config.file", str(tmp_path / "web.yml")]
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+    if unix:
+        flags += ["--web.listen-address", f"unix:{listener}"]
+    child, port = await children.serve(sockdir, *flags)
+    if unix:
+        await child.ready(None, listener)
+    where: int | Path = listener if unix else port
+    clients = [asyncio.to_thread(write_deadline_client, where, ctx, True)]
+    # Not over TLS on TCP: there uvloop's SSL layer takes the whole answer without ever pausing
+    # the connection's protocol, so the write deadline never starts for a client that reads
+    # nothing (as before progress was counted), a gap of its own.
+    cut = unix or not tls
+    if cut:
+        clients.append(asyncio.to_thread(write_deadline_client, where, ctx, False))
+    (reading, answer), *others = await asyncio.gather(*clients)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    assert body == SLOW_READ_PAGE.encode()
+    # The slow reader took several times the deadline (loose bounds: the machine is small and
+    # shared); the other was cut near the deadline, long before that.
+    assert reading > 2.5, reading
+    for idle, _ in others:
+        assert idle < 10, idle
+        assert idle < reading, (idle, reading)

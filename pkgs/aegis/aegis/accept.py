@@ -13,7 +13,9 @@ TLS listeners also tell a plain-HTTP client what went wrong, as Go servers do: e
 is first read without consuming anything (``MSG_PEEK``); a first byte that starts a TLS
 handshake record (0x16) goes on to the handshake on the same socket, anything else is answered
 ``400 Client sent an HTTP request to an HTTPS server.`` and closed. The read-header deadline
-covers the wait for that first byte and the handshake together. The SSL context is used as
+is one deadline from the accept: it covers the wait for that first byte, the handshake and the
+first request head together (the protocol gets it from :data:`ProtocolFactory`, so the head
+has what the handshake left, not a fresh deadline of its own). The SSL context is used as
 given, so certificate rotation (its SNI callback) keeps working.
 """
 
@@ -33,7 +35,11 @@ from typing import Any
 from .logs import RateLimited
 from .process import release_free_memory
 
-__all__ = ["Acceptor", "Connections", "Shares"]
+__all__ = ["Acceptor", "Connections", "ProtocolFactory", "Shares"]
+
+#: Makes the protocol of a connection whose first request head is due by the given time (the
+#: event loop's), counted from the accept.
+ProtocolFactory = Callable[[float], asyncio.Protocol]
 
 log = logging.getLogger("aegis.server")
 
@@ -142,7 +148,7 @@ class Acceptor:
     def __init__(
         self,
         sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
+        factory: ProtocolFactory,
         connections: Connections,
         *,
         context: ssl.SSLContext | None = None,
@@ -215,12 +221,16 @@ class Acceptor:
             return
         conn.setblocking(False)
         self._connections.pending(1)
-        if self._context is None:
-            self._start(self._loop.connect_accepted_socket(self._factory, conn))
-            return
         deadline = self._loop.time() + self._timeout
+        if self._context is None:
+            self._start(self._loop.connect_accepted_socket(self._protocol(deadline), conn))
+            return
         self._waiting[conn] = self._loop.call_at(deadline, self._late, conn)
         self._loop.add_reader(conn.fileno(), self._first_byte, conn, deadline)
+
+    def _protocol(self, deadline: float) -> Callable[[], asyncio.Protocol]:
+        factory = self._factory
+        return lambda: factory(deadline)
 
     def _start(self, work: Any) -> None:
         task = self._loop.create_task(self._quietly(work))
@@ -265,7 +275,10 @@ class Acceptor:
             remaining = max(deadline - self._loop.time(), 0.001)
             self._start(
                 self._loop.connect_accepted_socket(
-                    self._factory, conn, ssl=self._context, ssl_handshake_timeout=remaining
+                    self._protocol(deadline),
+                    conn,
+                    ssl=self._context,
+                    ssl_handshake_timeout=remaining,
                 )
             )
         else:

@@ -278,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         type=_positive_duration,
         default="30s",
-        help="time a client may leave Aegis's answer unread (the connection's buffers full) "
-        "before it is disconnected (default: %(default)s)",
+        help="time a client may read nothing of Aegis's answer (the connection's buffers full) "
+        "before it is disconnected; any progress starts it again (default: %(default)s)",
     )
     parser.add_argument(
         "--limit.concurrent-requests",

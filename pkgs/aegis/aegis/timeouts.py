@@ -5,18 +5,23 @@ and a deadline on writing to a client that stopped reading.
   nothing, but its timer is cancelled by the first byte of a request: a client that dribbles a
   header byte a second (a slowloris) would keep its connection for as long as it likes. As Go's
   ``http.Server.ReadHeaderTimeout`` does, the whole head (request line and headers, up to the
-  blank line) must be in within the deadline from the connection's start or from the first byte
-  of a following request, or the connection is closed without an answer. A request pipelined
+  blank line) must be in within the deadline from the accept (a TLS handshake included: the
+  :class:`~aegis.accept.Acceptor` says when the first head is due) or from the first byte of a
+  following request, or the connection is closed without an answer. A request pipelined
   behind one still being answered has its deadline from the end of that answer (Go's server
   reads the next request only then): the head may well be unfinished because the client reads
   the answer before sending the rest, and a deadline from its first byte would cut the answer.
 * **Head size.** A head larger than the bound is answered ``431`` and the connection closed,
   before aiohttp parses it and so before any authentication: aiohttp alone accepts 128 lines of
   8 KiB each and holds every byte while it waits for the rest.
-* **Write deadline.** When the transport's buffer is full (``pause_writing``) and stays full
-  longer than the deadline, the client is not reading: the connection is aborted, whatever the
-  answer (a whole page, a streamed one, a pipelined queue of them), and the kernel frees the
-  socket's buffers.
+* **Write deadline.** When the transport's buffer is full (``pause_writing``) and the client
+  consumes nothing of the answer for longer than the deadline, it is not reading: the
+  connection is aborted, whatever the answer (a whole page, a streamed one, a pipelined queue
+  of them), and the kernel frees the socket's buffers. A full buffer alone says nothing: a
+  client that reads slowly keeps it full (the kernel holds up to ``TCP_NOTSENT_LOWAT`` unsent
+  bytes, and the transport stays paused while they drain) and must not be cut. So while the
+  buffer is full, the deadline is checked a few times per period (:data:`_WRITE_CHECKS`)
+  against what the client consumed (:func:`_consumed`); any progress starts it again.
 
 It is a thin protocol wrapped around aiohttp's own, so it relies on nothing inside aiohttp: it
 watches the bytes go by for the blank line that ends a head and passes everything through
@@ -28,14 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from .accept import Connections
+from .accept import Connections, ProtocolFactory
 
 __all__ = ["ConnectionBounds", "Guard"]
 
@@ -50,6 +57,40 @@ _LINGER_BYTES = 1 << 20
 # An unfinished head larger than this makes the memory be given back after the connection.
 _HEAVY_HEAD = 16 * 1024
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
+# While the write buffer is full, the client's progress is looked at this many times per write
+# timeout: a client that stops reading is cut between one and 1 + 1/_WRITE_CHECKS timeouts
+# after its last progress.
+_WRITE_CHECKS = 4
+# struct tcp_info up to tcpi_bytes_acked (a u64 at offset 120, Linux 4.1 and later).
+_TCP_INFO_BYTES_ACKED = 120
+_TCP_INFO_SIZE = _TCP_INFO_BYTES_ACKED + 8
+_TCP = (socket.AF_INET, socket.AF_INET6)
+_INT = struct.Struct("i")
+
+
+def _consumed(transport: asyncio.Transport) -> int | None:
+    """A number that grows when the client consumes some of the answer (None: unknown).
+
+    TCP: the bytes the client acknowledged (``tcpi_bytes_acked``). Once its receive buffer is
+    full, the client acknowledges only what it reads, and the count ignores what Aegis adds
+    meanwhile. Under TLS the socket is the one beneath the SSL layer: ciphertext, as good.
+    Unix sockets count nothing of the kind: what is still queued, in the kernel (``SIOCOUTQ``:
+    bytes the client has not read yet) and in the transport, shrinks only as the client reads,
+    so its negative is used. An answer written while the buffer is full can hide progress for
+    one check, never fake it.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        if sock.family in _TCP:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            if len(info) >= _TCP_INFO_SIZE:
+                return int.from_bytes(info[_TCP_INFO_BYTES_ACKED:_TCP_INFO_SIZE], "little")
+        queued: int = _INT.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_INT.size)))[0]
+    except (OSError, ValueError):  # closed meanwhile: fileno() -1
+        return None
+    return -(queued + transport.get_write_buffer_size())
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +101,7 @@ class ConnectionBounds:
     read_header_timeout: float = 10.0
     #: Bytes of one request head (request line, headers, blank line); past it, 431.
     max_head_bytes: int = 64 * 1024
-    #: Seconds a full write buffer may wait for the client to read.
+    #: Seconds a full write buffer may wait with the client consuming nothing of it.
     write_timeout: float = 30.0
 
 
@@ -82,6 +123,7 @@ class Guard(asyncio.Protocol):
         "_answered",
         "_bounds",
         "_deferred",
+        "_first_due",
         "_head_bytes",
         "_heads",
         "_heavy",
@@ -91,17 +133,28 @@ class Guard(asyncio.Protocol):
         "_tail",
         "_timer",
         "_transport",
+        "_write_mark",
+        "_write_quiet",
         "_write_timer",
     )
 
     def __init__(
-        self, inner: asyncio.Protocol, bounds: ConnectionBounds, live: Connections | None = None
+        self,
+        inner: asyncio.Protocol,
+        bounds: ConnectionBounds,
+        live: Connections | None = None,
+        first_due: float | None = None,
     ) -> None:
         self._inner = inner
+        # When the first head is due (the event loop's time), if the connection began before
+        # connection_made: a TLS handshake takes its time from that head's deadline.
+        self._first_due = first_due
         self._bounds = bounds
         self._live = live
         self._timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._write_mark: int | None = None  # _consumed() at the last check
+        self._write_quiet = 0  # checks in a row that saw no progress
         self._transport: asyncio.Transport | None = None
         self._tail = b""  # the last bytes of a head in progress: the blank line may be split
         self._head_bytes = 0  # of the head in progress
@@ -117,9 +170,9 @@ class Guard(asyncio.Protocol):
         inner: Callable[[], asyncio.Protocol],
         bounds: ConnectionBounds,
         live: Connections | None = None,
-    ) -> Callable[[], asyncio.Protocol]:
+    ) -> ProtocolFactory:
         """A protocol factory; ``live`` (if given) holds every connection open at the moment."""
-        return lambda: cls(inner(), bounds, live)
+        return lambda first_due: cls(inner(), bounds, live, first_due)
 
     def _arm(self) -> None:
         """A new head begins: its deadline starts now, or once the answers before it are out."""
@@ -165,11 +218,31 @@ class Guard(asyncio.Protocol):
             )
             self._transport.abort()  # nothing to flush: the client has not asked anything yet
 
-    def _not_reading(self) -> None:
+    def _check_writing(self) -> None:
+        """The write buffer is still full: cut the client if it consumed nothing for a whole
+        write timeout."""
         self._write_timer = None
         transport = self._transport
         if transport is None:
             return
+        mark = _consumed(transport)
+        if mark is not None and self._write_mark is not None and mark > self._write_mark:
+            self._write_quiet = 0
+        else:
+            self._write_quiet += 1
+        self._write_mark = mark
+        if self._write_quiet >= _WRITE_CHECKS:
+            self._not_reading(transport)
+        else:
+            self._start_write_check()
+
+    def _start_write_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._write_timer = loop.call_at(
+            loop.time() + self._bounds.write_timeout / _WRITE_CHECKS, self._check_writing
+        )
+
+    def _not_reading(self, transport: asyncio.Transport) -> None:
         log.debug(
             "closing a connection that read nothing of its answer for %.3g s",
             self._bounds.write_timeout,
@@ -213,7 +286,11 @@ class Guard(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
         if self._live is not None:
             self._live.add(self)
-        self._arm()
+        if self._first_due is None:
+            self._arm()
+        else:
+            # Already past due (a handshake that used the whole deadline) fires at once.
+            self._timer = asyncio.get_running_loop().call_at(self._first_due, self._late)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -290,11 +367,10 @@ class Guard(asyncio.Protocol):
         # is given back to the system after the connection (a hundred such connections hold
         # megabytes that the C heap would otherwise keep).
         self._heavy = True
-        if self._write_timer is None:
-            loop = asyncio.get_running_loop()
-            self._write_timer = loop.call_at(
-                loop.time() + self._bounds.write_timeout, self._not_reading
-            )
+        if self._write_timer is None and self._transport is not None:
+            self._write_mark = _consumed(self._transport)
+            self._write_quiet = 0
+            self._start_write_check()
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
