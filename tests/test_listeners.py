@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
-from aegisrun import Children, free_port, has_ipv6_loopback, needs_aegis
+from aegisrun import Aegis, Children, free_port, has_ipv6_loopback, needs_aegis
 
 from conftest import Upstreams
 
@@ -228,22 +228,33 @@ async def served_certificate(port: int, ctx: ssl.SSLContext) -> bytes:
     return bytes(der)
 
 
-async def test_a_tls_listener_answers_plain_http_with_400_and_still_serves_tls(
-    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
-) -> None:
-    await upstreams.metrics(sockdir / "node.sock", PAGE)
+async def tls_aegis(
+    tmp_path: Path, sockdir: Path, children: Children, *flags: str
+) -> tuple[trustme.CA, ssl.SSLContext, Aegis, int]:
+    """aegis serving TLS with a throwaway CA's certificate (s.pem, rotatable), and a client
+    context that trusts that CA."""
     ca = trustme.CA()
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
     config = tmp_path / "web.yml"
     config.write_text("tls_server_config:\n  cert_file: s.pem\n  key_file: s.pem\n")
     port = free_port()
     child = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
-        *("--web.config.file", str(config), "--web.read-header-timeout=1s"),
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
+        *("--web.config.file", str(config), *flags),
     )
     await child.ready("127.0.0.1", port)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
+    return ca, ctx, child, port
+
+
+async def test_a_tls_listener_answers_plain_http_with_400_and_still_serves_tls(
+    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    ca, ctx, child, port = await tls_aegis(
+        tmp_path, sockdir, children, "--workers", "2", "--web.read-header-timeout=1s"
+    )
 
     async with (
         aiohttp.ClientSession() as session,
@@ -272,19 +283,15 @@ async def test_the_tls_handshake_takes_from_the_head_deadline_not_adds_to_it(
     """One deadline from the accept to the end of the first head, however much of it the
     handshake took: a client that waits before its handshake does not get a fresh one after."""
     await upstreams.metrics(sockdir / "node.sock", PAGE)
-    ca = trustme.CA()
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
-    config = tmp_path / "web.yml"
-    config.write_text("tls_server_config:\n  cert_file: s.pem\n  key_file: s.pem\n")
-    port = free_port()
-    child = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1"),
-        *("--web.config.file", str(config), "--web.read-header-timeout=3s"),
+    _, ctx, child, port = await tls_aegis(
+        tmp_path,
+        sockdir,
+        children,
+        "--workers",
+        "1",
+        "--web.read-header-timeout=3s",
         "--web.idle-timeout=60s",
     )
-    await child.ready("127.0.0.1", port)
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setblocking(False)
     connected = time.monotonic()
