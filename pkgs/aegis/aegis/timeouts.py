@@ -54,6 +54,8 @@ _END_OF_HEAD = b"\r\n\r\n"
 # the client before it has read the answer.
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+# What the TLS layer may hold for a connection before the write deadline is watched.
+_TLS_HIGH_WATER = 64 * 1024
 # An unfinished head larger than this makes the memory be given back after the connection.
 _HEAVY_HEAD = 16 * 1024
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
@@ -284,6 +286,11 @@ class Guard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
+        if transport.get_extra_info("ssl_object") is not None:
+            # uvloop's TLS layer would take a whole answer of a megabyte or so before pausing
+            # the protocol, and a client that reads none of it would never start the write
+            # deadline; with this bound it pauses, as a plain TCP transport does.
+            self._transport.set_write_buffer_limits(high=_TLS_HIGH_WATER)
         if self._live is not None:
             self._live.add(self)
         if self._first_due is None:
