@@ -302,13 +302,14 @@ class _Scrape:
         details (paths, owners), and answered with a one-line reason."""
         status = FAILURE_STATUS[kind]
         self.count(status, kind)
-        line = f"{status} {name}: {reason}{f' ({detail})' if detail else ''}"
+        aside = f" ({detail})" if detail else ""
         if kind in _QUIET:
-            log.debug(line)
+            # Formatted only if debug lines are wanted: a flood of these is what it is for.
+            log.debug("%s %s: %s%s", status, name, reason, aside)
         else:
             # Keyed by the label, never the name: "" for every name that resolved to nothing.
             level = logging.INFO if status < 500 else logging.WARNING
-            self.failures.log((kind, self.target), level, line)
+            self.failures.log((kind, self.target), level, f"{status} {name}: {reason}{aside}")
         return web.Response(status=status, text=reason + "\n")
 
 
