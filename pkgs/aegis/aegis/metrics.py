@@ -63,10 +63,10 @@ class _WorkersCollector(MultiProcessCollector):
         return []
 
 
-#: Distinct ``target`` label values a process gives out: series live as long as the process
-#: (in every worker's multiprocess file), so sockets that come and go under new names, or ten
-#: thousand stale socket files each asked for once, must not grow them without end. Targets
-#: past it are counted together under :data:`OTHER_TARGETS`.
+#: Distinct ``target`` label values Aegis gives out, all its workers together: series live as
+#: long as the server (in every worker's multiprocess file), so sockets that come and go under
+#: new names, or ten thousand stale socket files each asked for once, must not grow them without
+#: end. Targets past it are counted together under :data:`OTHER_TARGETS`.
 MAX_TARGET_LABELS = 256
 #: The ``target`` label of the targets past :data:`MAX_TARGET_LABELS`: no target name can be it.
 OTHER_TARGETS = "*"
