@@ -285,7 +285,8 @@ in
     with subtest("aegis runs as aegis with two workers on uvloop"):
         main = server.succeed("systemctl show -P MainPID aegis.service").strip()
         assert server.succeed(f"stat -c %U:%G /proc/{main}").strip() == "aegis:within"
-        workers = server.succeed(f"ps -o pid= --ppid {main}").split()
+        # The main process is worker 0; it forked the other.
+        workers = [main, *server.succeed(f"ps -o pid= --ppid {main}").split()]
         assert len(workers) == 2, f"expected two workers, not {workers}"
         for worker in workers:
             server.succeed(f"grep -qF /uvloop/loop. /proc/{worker}/maps")

@@ -151,9 +151,10 @@ async def test_clients_that_never_read_are_cut_at_the_write_deadline(
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     await upstreams.metrics(sockdir / "big.sock", "chaos_big_value 1\n" * 200)
     aegis, port = await start(children, sockdir, "--web.write-timeout=2s")
-    workers = worker_pids(aegis.pid)
-    for _ in range(4):  # each worker opens its metric files on its first scrapes
-        await assert_invariants(aegis, port)
+    workers = [aegis.pid, *worker_pids(aegis.pid)]
+    for _ in range(4):  # each worker opens its metric files on its first scrapes: side by
+        # side, so both workers answer some
+        await asyncio.gather(*(assert_invariants(aegis, port) for _ in range(4)))
     fds_before = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers)
     # Aegis's own pages and relayed scrapes (written whole, in one write) alike.
     requests = [
@@ -187,7 +188,7 @@ async def test_clients_that_never_read_are_cut_at_the_write_deadline(
     finally:
         for sock in readers:
             sock.close()
-    assert worker_pids(aegis.pid) == workers
+    assert [aegis.pid, *worker_pids(aegis.pid)] == workers
     await assert_invariants(aegis, port)
 
 
@@ -228,7 +229,7 @@ async def test_workers_of_a_killed_supervisor_exit_and_leave_nothing_behind(
     await aegis.wait_for_output("2 workers: ")
     await aegis.ready(None, unix)
     workers = worker_pids(aegis.pid)
-    assert len(workers) == 2
+    assert len(workers) == 1  # the parent is worker 0
     assert list(scratch.iterdir()), "no metrics directory"
     aegis.popen.kill()
     deadline = time.monotonic() + 30
@@ -245,13 +246,16 @@ async def test_workers_of_a_killed_supervisor_exit_and_leave_nothing_behind(
 async def test_a_scrape_in_flight_when_the_supervisor_is_killed_is_answered_and_counted(
     children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
 ) -> None:
-    # The idle worker leaves at once; the metrics directory must stay until the busy one,
-    # which counts its scrape when the grace period ends, has left too.
-    asked = asyncio.Event()
+    # The scrape is on the forked worker, which counts it when the grace period ends: the
+    # metrics directory must stay until it has left too, whoever left first.
+    asked: asyncio.Queue[int] = asyncio.Queue()
+    creds = struct.Struct("3i")
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        asked.set()
+        sock = writer.get_extra_info("socket")
+        pid, _, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+        asked.put_nowait(pid)
         await reader.read()
 
     await upstreams.raw(sockdir / "hang.sock", silent)
@@ -272,11 +276,34 @@ async def test_a_scrape_in_flight_when_the_supervisor_is_killed_is_answered_and_
     await aegis.wait_for_output("2 workers: ")
     await aegis.ready("127.0.0.1", port)
     workers = worker_pids(aegis.pid)
-    url = f"http://127.0.0.1:{port}/hang"
-    in_flight = asyncio.create_task(fresh_get(url, headers=LONG_SCRAPE))
-    await asyncio.wait_for(asked.wait(), 20)
+
+    async def scrape() -> bytes:
+        # Not aiohttp's client: it asks again, on a new connection, when one breaks.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /hang HTTP/1.1\r\nHost: aegis\r\nConnection: close\r\n")
+        writer.write(b"X-Prometheus-Scrape-Timeout-Seconds: 30\r\n\r\n")
+        try:
+            return await reader.read()
+        except ConnectionResetError:
+            return b""
+        finally:
+            writer.close()
+
+    # Scrapes until one waits in the forked worker (one holding more connections steps back).
+    on_parent: list[asyncio.Task[bytes]] = []
+    for _ in range(20):
+        in_flight = asyncio.create_task(scrape())
+        if await asyncio.wait_for(asked.get(), 20) in workers:
+            break
+        on_parent.append(in_flight)
+    else:
+        pytest.fail(f"no scrape reached the forked worker:\n{aegis.output()}")
     aegis.popen.kill()
-    assert await in_flight == (503, b"aegis is stopping: the grace period ended\n"), aegis.output()
+    answer = await in_flight
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert answer.endswith(b"\r\n\r\naegis is stopping: the grace period ended\n"), answer
+    # Those on the killed process are cut: it could answer nothing.
+    assert [await task for task in on_parent] == [b""] * len(on_parent)
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, f"workers still running:\n{aegis.output()}"

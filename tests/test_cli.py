@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import platform
 import re
 import socket
@@ -25,6 +27,8 @@ from aegisrun import (
     worker_pids,
 )
 from aiohttp import web
+from prometheus_client import ProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
 from aegis import __version__
 
@@ -218,7 +222,8 @@ async def test_two_workers_share_the_port_and_both_answer(children, upstreams, s
     )
     await aegis.ready("127.0.0.1", port)
     await aegis.wait_for_output("2 workers: ")
-    workers = worker_pids(aegis.pid)
+    # The parent is worker 0, and forked one more.
+    workers = [aegis.pid, *worker_pids(aegis.pid)]
     assert len(workers) == 2, f"workers: {workers}\n{aegis.output()}"
     assert f"2 workers: {workers[0]} {workers[1]}" in aegis.output()
 
@@ -233,6 +238,54 @@ async def test_two_workers_share_the_port_and_both_answer(children, upstreams, s
         if set(callers) == set(workers):
             break
     assert set(callers) == set(workers)
+
+
+async def test_with_two_workers_process_metrics_are_the_whole_servers_whoever_answers(
+    children, upstreams, sockdir
+):
+    aegis, port = await children.serve(sockdir, "--workers", "2")
+    await aegis.wait_for_output("2 workers: ")
+    server = [aegis.pid, *worker_pids(aegis.pid)]
+    own = ProcessCollector(pid=lambda: aegis.pid, registry=None).collect()
+    started = {m.name: m for m in own}["process_start_time_seconds"].samples[0].value
+    answered_by = set()
+    # Connections held open side by side: a worker holding more steps back, so both answer.
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+    try:
+        for reader, writer in connections * 2:
+            writer.write(b"GET /-/metrics HTTP/1.1\r\nHost: aegis\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)[1])
+            page = (await reader.readexactly(length)).decode()
+            families = {f.name: f for f in text_string_to_metric_families(page)}
+            # The first process's is worker 0's (the parent), never the parent's own parent.
+            assert families["process_start_time_seconds"].samples[0].value == started
+            fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in server)
+            assert abs(families["process_open_fds"].samples[0].value - fds) <= 4, (fds, page)
+            answered_by.add(holder(port, writer.get_extra_info("sockname")[1], server))
+    finally:
+        for _, writer in connections:
+            writer.close()
+    assert answered_by == set(server), answered_by
+
+
+def holder(port: int, client_port: int, pids: list[int]) -> int:
+    """Which of ``pids`` holds the server side of the loopback connection from ``client_port``
+    to ``port`` (its inode in /proc/net/tcp, then in each process's descriptors)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(end.rpartition(":")[2], 16) for end in fields[1:3])
+        if (local, remote) == (port, client_port):
+            inode = f"socket:[{fields[9]}]"
+            break
+    else:
+        raise AssertionError(f"no connection from {client_port} to {port}")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == inode:
+                    return pid
+    raise AssertionError(f"no process of {pids} holds {inode}")
 
 
 @pytest.mark.parametrize("flag", ["-version", "--version"])

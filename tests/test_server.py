@@ -215,6 +215,16 @@ async def test_a_page_still_arriving_when_the_grace_period_ends_is_cut_off(
     assert "Traceback" not in out
 
 
+def socket_inodes(pid: int) -> set[str]:
+    """The sockets a process holds a descriptor of ("socket:[inode]")."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:"):
+                found.add(target)
+    return found
+
+
 @needs_aegis
 async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
     children, upstreams, sockdir
@@ -222,20 +232,49 @@ async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
     await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
     aegis, port = await start_aegis(children, sockdir, workers=2)
     before = worker_pids(aegis.pid)
-    assert len(before) == 2, aegis.output()
-
-    os.kill(before[0], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while len(after := worker_pids(aegis.pid)) != 2 or before[0] in after:
-        assert time.monotonic() < deadline, f"no replacement worker; output:\n{aegis.output()}"
-        await asyncio.sleep(0.1)
-    assert before[1] in after
-    assert f"(pid {before[0]}) exited with -9; starting a new one" in aegis.output()
+    assert len(before) == 1, aegis.output()  # the parent is worker 0
+    # Connections the parent holds when it forks the replacement: clients' and, in its pool,
+    # the upstream's. The replacement must not keep them open.
+    clients = []
+    for _ in range(8):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /svc HTTP/1.1\r\nHost: aegis\r\n\r\n")
+        await reader.readuntil(b"alive_value 1\n")
+        clients.append(writer)
+    try:
+        os.kill(before[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(after := worker_pids(aegis.pid)) != 1 or before[0] in after:
+            assert time.monotonic() < deadline, f"no replacement worker; output:\n{aegis.output()}"
+            await asyncio.sleep(0.1)
+        assert f"(pid {before[0]}) exited with -9; starting a new one" in aegis.output()
+        await aegis.wait_for_output(f"worker 1: pid {after[0]}")
+        # The only sockets the two share are the listening ones (here one).
+        held = socket_inodes(aegis.pid)
+        assert len(held) > 3, held  # the listener, the clients' and the upstream's connections
+        assert len(held & socket_inodes(after[0])) == 1
+    finally:
+        for writer in clients:
+            writer.close()
 
     answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
     assert answers == [(200, b"alive_value 1\n")] * 20
     aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
+    assert "Traceback" not in aegis.output()
+
+
+@needs_aegis
+async def test_a_stop_while_a_replacement_is_due_starts_none_and_exits_0(children, sockdir):
+    aegis, _ = await start_aegis(children, sockdir, workers=2)
+    (worker,) = worker_pids(aegis.pid)
+    os.kill(worker, signal.SIGKILL)
+    await aegis.wait_for_output(f"(pid {worker}) exited with -9; starting a new one")
+    aegis.popen.send_signal(signal.SIGTERM)  # within the second before the replacement
+    assert await aegis.wait(within=30) == 0, aegis.output()
+    out = aegis.output()
+    assert "worker 1: pid" not in out
+    assert "all workers stopped; exiting with 0" in out
 
 
 @needs_aegis

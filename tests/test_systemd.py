@@ -485,13 +485,19 @@ def proc_status_files(booted: Booted) -> list[str]:
     return [f"/proc/{name}/status" for name in listing.split() if name.isdigit()]
 
 
-def test_aegis_runs_two_workers_on_uvloop(booted: Booted) -> None:
+def forked_workers(booted: Booted) -> list[str]:
+    """The children of the service's main process, from /proc: procps may not be installed."""
     main = booted.container.show("aegis.service", "MainPID")["MainPID"]
-    # The children of the main process, from /proc: procps may not be installed.
     children = booted.container.run(
         "grep", "-lE", f"^PPid:[[:space:]]+{main}$", *proc_status_files(booted), check=False
     ).stdout.split()
-    workers = [path.split("/")[2] for path in children]
+    return [path.split("/")[2] for path in children]
+
+
+def test_aegis_runs_two_workers_on_uvloop(booted: Booted) -> None:
+    # The main process is worker 0; it forked the other.
+    main = booted.container.show("aegis.service", "MainPID")["MainPID"]
+    workers = [main, *forked_workers(booted)]
     assert len(workers) == 2, workers
     for worker in workers:
         maps = booted.container.out("cat", f"/proc/{worker}/maps")
@@ -528,6 +534,25 @@ def test_the_exposure_is_at_most_the_readmes(booted: Booted) -> None:
     found = re.search(r"Overall exposure level for aegis\.service: (\d+\.\d)", report)
     assert found, report
     assert float(found[1]) <= readme_exposure(), report
+
+
+def test_a_killed_worker_is_replaced_inside_the_hardened_unit(booted: Booted) -> None:
+    # The replacement is forked from inside the main process's running event loop, under the
+    # unit's seccomp filter and MemoryDenyWriteExecute.
+    container = booted.container
+    main = container.show("aegis.service", "MainPID")["MainPID"]
+    (killed,) = forked_workers(booted)
+    container.out("kill", "-KILL", killed)
+    deadline = time.monotonic() + 30
+    while (now := forked_workers(booted)) in ([], [killed]):
+        assert time.monotonic() < deadline, container.journal("aegis.service")
+        time.sleep(0.2)
+    assert container.show("aegis.service", "MainPID")["MainPID"] == main
+    journal = container.journal("aegis.service")
+    assert f"(pid {killed}) exited with -9; starting a new one" in journal
+    assert f"worker 1: pid {now[0]}" in journal
+    assert "Traceback" not in journal
+    assert [booted.scrape("/local")[0] for _ in range(10)] == [200] * 10
 
 
 def test_a_killed_aegis_restarts_after_restart_sec(booted: Booted) -> None:

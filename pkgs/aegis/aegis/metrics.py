@@ -44,6 +44,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .multiproc import server_pid
 
 __all__ = ["ProxyMetrics", "serve_metrics"]
 
@@ -145,7 +146,7 @@ class ProxyMetrics:
         if multiprocess_dir is None:
             ProcessCollector(registry=registry)
         else:
-            registry.register(_ProcessGroupCollector())
+            registry.register(_ProcessGroupCollector(Path(multiprocess_dir)))
 
     def request(self, target: str, code: int) -> None:
         child = self._request_children.get((target, code))
@@ -297,12 +298,16 @@ class _BuildInfoCollector(Collector):
 
 
 class _ProcessGroupCollector(Collector):
-    """``process_*`` of the whole server: the supervisor and all its workers, added up.
+    """``process_*`` of the whole server: worker 0 and the workers it forked, added up.
 
     The scraped worker alone would make ``process_cpu_seconds_total`` jump between workers'
     figures from one scrape to the next. CPU time of a worker that died is lost with it, as it
-    is for any restarted process.
+    is for any restarted process. Worker 0 is the process that made the multiprocess directory
+    (:func:`aegis.multiproc.server_pid`), or else this process's parent.
     """
+
+    def __init__(self, shared: Path) -> None:
+        self._shared = shared
 
     _SUMMED = (
         "process_cpu_seconds",
@@ -312,14 +317,14 @@ class _ProcessGroupCollector(Collector):
     )
 
     def collect(self) -> Iterable[Metric]:
-        supervisor = os.getppid()
+        server = server_pid(self._shared) or os.getppid()
         families: dict[str, Metric] = {}
-        for pid in _with_children(supervisor):
+        for pid in _with_children(server):
             collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]
             for family in collector.collect():
                 kept = families.get(family.name)
                 if kept is None:
-                    families[family.name] = family  # the supervisor's comes first
+                    families[family.name] = family  # worker 0's comes first
                 elif family.name in self._SUMMED and family.samples and kept.samples:
                     total = kept.samples[0].value + family.samples[0].value
                     kept.samples[0] = kept.samples[0]._replace(value=total)

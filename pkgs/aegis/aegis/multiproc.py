@@ -30,7 +30,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess, values
 
-__all__ = ["SharedDir", "metrics_dir", "remove", "worker_exited"]
+__all__ = ["SharedDir", "metrics_dir", "remove", "server_pid", "worker_exited"]
 
 log = logging.getLogger("aegis.multiproc")
 
@@ -38,6 +38,8 @@ _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PREFIX = "aegis-metrics-"
 # prometheus_client reads only *.db files of the directory.
 _LOCK = "users.lock"
+# The pid of the process that made the directory: worker 0, the parent of the others.
+_SERVER = "server.pid"
 
 
 class SharedDir:
@@ -105,6 +107,7 @@ def metrics_dir() -> Iterator[SharedDir]:
     # any import may already have done: pick again, exactly as that import would have.
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     log.debug("multiprocess metrics in %s", path)
+    (path / _SERVER).write_text(f"{os.getpid()}\n")
     shared = SharedDir(path)
     try:
         yield shared
@@ -152,6 +155,14 @@ def _held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def server_pid(path: Path) -> int | None:
+    """The pid of the process that made the directory with :func:`metrics_dir`, if it did."""
+    try:
+        return int((path / _SERVER).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def worker_exited(path: Path, pid: int) -> None:

@@ -5,10 +5,9 @@ programs mount :func:`aegis.proxy.make_app` in their own server instead.
 
 Each listener is one socket, bound by this process before any worker starts
 (:mod:`aegis.listeners`). Every worker accepts on the sockets it inherited across ``fork()``.
-The parent then only supervises: it forwards SIGTERM/SIGINT, restarts a worker that died,
-ignores SIGHUP (with a log line), and exits 0 once every worker finished its in-flight
-scrapes. A worker gets SIGTERM from the kernel when the parent dies,
-however it dies (``PR_SET_PDEATHSIG``), and then removes what the parent would have removed.
+With several workers, this process is worker 0 and also supervises the others
+(:mod:`aegis.workers`): it passes SIGTERM/SIGINT on, replaces a worker that died, ignores SIGHUP
+(with a log line), and exits 0 once every worker finished its in-flight scrapes.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import os
 import signal
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -29,9 +27,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .accept import Acceptor, Connections, Shares
-from .process import die_with_parent
 from .stopping import STOPPING_KEY
 from .timeouts import ConnectionBounds, Guard
+from .workers import Hooks, Workers
 
 log = logging.getLogger("aegis.server")
 
@@ -78,22 +76,33 @@ def serve(
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status.
 
-    With several ``workers`` this process supervises them: ``on_worker_start()`` is called in
-    each worker right after ``fork()``, ``on_worker_exit(pid)`` in the supervisor for each
-    worker that ended, and ``on_orphaned()`` in a worker that outlived its supervisor
-    (SIGKILL), to remove what the supervisor would have removed at exit.
+    With several ``workers`` this process forks the others and supervises them while it serves:
+    ``on_worker_start()`` is called in each forked worker right after ``fork()``,
+    ``on_worker_exit(pid)`` in this process for each forked worker that ended, and
+    ``on_orphaned()`` in a forked worker that outlived this process (SIGKILL), to remove what
+    this process would have removed at exit.
     """
     if workers == 1:
         return _run_worker(app_factory, socks, serving)
-    hooks = _Hooks(on_worker_start, on_worker_exit, on_orphaned)
-    return _supervise(app_factory, socks, serving, workers, hooks)
-
-
-@dataclass(frozen=True, slots=True)
-class _Hooks:
-    worker_start: Callable[[], None] | None
-    worker_exit: Callable[[int], None] | None
-    orphaned: Callable[[], None] | None
+    # Held back until worker 0's handlers are in place; a forked worker inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    # What this process imported is shared with every worker until someone writes to it; the
+    # collector's bookkeeping is such a write, so the start-up objects are kept out of its way.
+    # The event loop's module is imported here, once, rather than in each worker. (No
+    # gc.collect() first: measured, it leaves the workers about 1 MB less to share.)
+    _loop_factory()
+    gc.freeze()
+    family = Workers(
+        lambda shares, index: _run_worker(app_factory, socks, serving, shares, index),
+        socks,
+        workers,
+        Hooks(on_worker_start, on_worker_exit, on_orphaned),
+    )
+    family.start()
+    log.info("%d workers: %s", workers, " ".join(map(str, family.pids)))
+    code = _run_worker(app_factory, socks, serving, family.shares, 0, family)
+    log.info("all workers stopped; exiting with %d", code)
+    return code
 
 
 class _InFlight:
@@ -158,7 +167,11 @@ def _run_worker(
     serving: Serving,
     shares: Shares | None = None,
     index: int = 0,
+    family: Workers | None = None,
 ) -> int:
+    """Serve as one worker until SIGTERM or SIGINT; worker 0 of several (``family``) also
+    supervises the others, and returns 1 if one of them did not stop cleanly."""
+
     async def main() -> None:
         runner = web.AppRunner(
             app_factory(),
@@ -203,9 +216,11 @@ def _run_worker(
         # Everything built so far lives as long as the worker: keep the collector off it.
         gc.freeze()
         stop = asyncio.Event()
-        _watch_signals(loop, stop)
+        _watch_signals(loop, stop, family)
         await stop.wait()
         end = loop.time() + serving.shutdown_grace
+        if family is not None:
+            family.stop()
         connections, requests = len(live), len(in_flight.tasks)
         for acceptor in acceptors:
             acceptor.close()
@@ -240,28 +255,36 @@ def _run_worker(
             cut,
             extra={"connections": connections, "in_flight": requests, "cut": cut},
         )
+        if family is not None:
+            await family.stopped(within=serving.shutdown_grace + _KILL_AFTER)
 
     # The worker's signals stay blocked and are taken from the pending set (_watch_signals): a
     # stop signal that comes while the worker starts cannot kill it half-started.
     signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
-    return 0
+    return 1 if family is not None and family.failed else 0
 
 
-def _watch_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """Take the blocked signals as they come pending, every ``_SIGNAL_POLL`` seconds.
+def _watch_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, family: Workers | None
+) -> None:
+    """Take the blocked signals as they come pending, every ``_SIGNAL_POLL`` seconds, and
+    collect the forked workers that ended (``family``).
 
     Not ``loop.add_signal_handler``: with uvloop, a SIGTERM that arrived while a worker was
     busy accepting was sometimes seen only at the next signal, and the worker never stopped.
     """
+    who = "worker" if family is None else "supervisor"
 
     def take() -> None:
         while (info := signal.sigtimedwait(_BLOCKED, 0)) is not None:
             if info.si_signo == signal.SIGHUP:
-                _ignore_hangup("worker")
+                _ignore_hangup(who)
             else:
                 stop.set()
+        if family is not None:
+            family.reap()
         loop.call_later(_SIGNAL_POLL, take)
 
     take()
@@ -281,87 +304,3 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         return None
     return uvloop.new_event_loop
-
-
-def _supervise(
-    app_factory: AppFactory,
-    socks: list[socket.socket],
-    serving: Serving,
-    count: int,
-    hooks: _Hooks,
-) -> int:
-    watched = {signal.SIGCHLD, signal.SIGHUP, *_STOP_SIGNALS}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
-    # What the parent imported is shared with every worker until someone writes to it; the
-    # collector's bookkeeping is such a write, so the start-up objects are kept out of its way.
-    # The event loop's module is imported here, once, rather than in each worker. (No
-    # gc.collect() first: measured, it leaves the workers about 1 MB less to share.)
-    _loop_factory()
-    gc.freeze()
-    supervisor = os.getpid()
-    shares = Shares(count)
-
-    def spawn(index: int) -> int:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, *_BLOCKED})
-                if hooks.worker_start is not None:
-                    hooks.worker_start()
-                # SIGTERM when the supervisor dies, however it dies: a worker never serves
-                # unsupervised.
-                if die_with_parent(supervisor):
-                    code = _run_worker(app_factory, socks, serving, shares, index)
-                if os.getppid() != supervisor:
-                    log.warning("worker %d: the supervisor %d is gone", os.getpid(), supervisor)
-                    if hooks.orphaned is not None:
-                        hooks.orphaned()
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                os._exit(code)
-        return pid
-
-    workers = {spawn(index): index for index in range(count)}
-    log.info("%d workers: %s", len(workers), " ".join(map(str, workers)))
-    grace = serving.shutdown_grace
-    stopping_since: float | None = None
-    failed = False
-    while workers:
-        info = signal.sigtimedwait(watched, 1.0)
-        if info is not None and info.si_signo == signal.SIGHUP:
-            _ignore_hangup("supervisor")
-        elif info is not None and info.si_signo in _STOP_SIGNALS and stopping_since is None:
-            stopping_since = time.monotonic()
-            for pid in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            # The parent's copies keep each port listening after the workers closed theirs:
-            # new connections would queue for nobody and be reset at exit instead of refused.
-            for sock in socks:
-                sock.close()
-        while workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            index = workers.pop(pid)
-            shares.leave(index)
-            code = os.waitstatus_to_exitcode(status)
-            if hooks.worker_exit is not None:
-                hooks.worker_exit(pid)
-            if stopping_since is None:
-                log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-                time.sleep(1.0)  # a worker that dies at once must not become a fork loop
-                workers[spawn(index)] = index
-            elif code != 0:
-                failed = True
-        if stopping_since is not None and time.monotonic() - stopping_since > grace + _KILL_AFTER:
-            log.error("workers did not stop within %.0f s; killing them", grace + _KILL_AFTER)
-            for pid in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            failed = True
-    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    log.info("all workers stopped; exiting with %d", 1 if failed else 0)
-    return 1 if failed else 0

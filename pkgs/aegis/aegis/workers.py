@@ -1,0 +1,187 @@
+"""The worker processes of a server with several: forked, watched, replaced, stopped.
+
+The process that binds the listening sockets is worker 0 itself: it forks the others before it
+starts its own event loop, and then serves like them. (A parent that only supervised kept a
+copy of the whole start-up heap that no worker used any more, once each worker had written to
+its own: about 7 MB of 45.) A forked worker gets SIGTERM from the kernel when worker 0 dies,
+however it dies (``PR_SET_PDEATHSIG``), and then removes what worker 0 would have removed.
+
+Worker 0 replaces a worker that died, a second later, by forking again, now from inside its
+running event loop. The new worker must then leave that loop alone: it never runs it, keeps the
+collector off the inherited objects, and closes every inherited socket but the listening ones.
+A client connection or an upstream connection of worker 0 left open in it would never end,
+since a socket ends only when its last descriptor closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .accept import Shares
+from .process import die_with_parent
+
+__all__ = ["Hooks", "Workers"]
+
+log = logging.getLogger("aegis.server")
+
+# A worker that dies at once must not become a fork loop.
+_RESPAWN_DELAY = 1.0
+_REAP_POLL = 0.1
+# A killed process is gone at once, unless stuck in the kernel: then it is not waited for.
+_KILLED_WAIT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """Called in a forked worker right after ``fork()`` (``start``), in worker 0 for each
+    worker that ended (``exit(pid)``), and in a worker that outlived worker 0 (``orphaned``)."""
+
+    start: Callable[[], None] | None = None
+    exit: Callable[[int], None] | None = None
+    orphaned: Callable[[], None] | None = None
+
+
+#: Runs a forked worker until it stops: ``(shares, index) -> exit status``.
+RunWorker = Callable[[Shares, int], int]
+
+
+class Workers:
+    """Worker 0's view of the workers it forked (indexes 1 to ``count - 1``)."""
+
+    def __init__(
+        self, run: RunWorker, socks: list[socket.socket], count: int, hooks: Hooks
+    ) -> None:
+        self.shares = Shares(count)
+        self._run = run
+        self._socks = socks
+        self._count = count
+        self._hooks = hooks
+        self._parent = os.getpid()
+        self._children: dict[int, int] = {}  # pid -> index
+        self._respawns: dict[int, asyncio.TimerHandle] = {}  # index -> pending replacement
+        self._stopping_since: float | None = None
+        #: A worker failed to stop cleanly: the server's exit status is then 1.
+        self.failed = False
+
+    @property
+    def pids(self) -> list[int]:
+        """Worker 0 (this process) first, then the forked workers by index."""
+        forked = sorted(self._children, key=self._children.__getitem__)
+        return [self._parent, *forked]
+
+    def start(self) -> None:
+        """Fork workers 1 to ``count - 1``; before worker 0 starts its event loop."""
+        for index in range(1, self._count):
+            self._spawn(index, in_loop=False)
+
+    def reap(self) -> None:
+        """Collect the workers that ended; replace them unless the server is stopping."""
+        for pid in list(self._children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0  # reaped elsewhere: its status is unknown
+            if done == 0:
+                continue
+            index = self._children.pop(pid)
+            self.shares.leave(index)
+            code = os.waitstatus_to_exitcode(status)
+            if self._hooks.exit is not None:
+                self._hooks.exit(pid)
+            if self._stopping_since is None:
+                log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+                loop = asyncio.get_running_loop()
+                self._respawns[index] = loop.call_later(_RESPAWN_DELAY, self._respawn, index)
+            elif code != 0:
+                self.failed = True
+
+    def stop(self) -> None:
+        """Pass the stop on to every forked worker; no replacement is started from now on."""
+        self._stopping_since = time.monotonic()
+        for handle in self._respawns.values():
+            handle.cancel()
+        self._respawns.clear()
+        self._signal(signal.SIGTERM)
+
+    async def stopped(self, within: float) -> None:
+        """Wait for the forked workers, at most ``within`` seconds after :meth:`stop`; kill
+        those still running then."""
+        assert self._stopping_since is not None
+        deadline = self._stopping_since + within
+        while self._children and time.monotonic() < deadline:
+            self.reap()
+            await asyncio.sleep(_REAP_POLL)
+        if self._children:
+            log.error("workers did not stop within %.0f s; killing them", within)
+            self.failed = True
+            self._signal(signal.SIGKILL)
+            killed = time.monotonic()
+            while self._children and time.monotonic() - killed < _KILLED_WAIT:
+                await asyncio.sleep(_REAP_POLL)
+                self.reap()
+
+    def _signal(self, signum: signal.Signals) -> None:
+        for pid in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _respawn(self, index: int) -> None:
+        del self._respawns[index]
+        if self._stopping_since is None:
+            pid = self._spawn(index, in_loop=True)
+            log.info("worker %d: pid %d", index, pid)
+
+    def _spawn(self, index: int, *, in_loop: bool) -> int:
+        pid = os.fork()
+        if pid:
+            self._children[pid] = index
+            return pid
+        code = 1
+        try:
+            if in_loop:
+                _leave_the_loop(self._socks)
+            if self._hooks.start is not None:
+                self._hooks.start()
+            # SIGTERM when worker 0 dies, however it dies: a worker never serves unsupervised.
+            if die_with_parent(self._parent):
+                code = self._run(self.shares, index)
+            if os.getppid() != self._parent:
+                log.warning("worker %d: the supervisor %d is gone", os.getpid(), self._parent)
+                if self._hooks.orphaned is not None:
+                    self._hooks.orphaned()
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            os._exit(code)
+
+
+def _leave_the_loop(keep: list[socket.socket]) -> None:
+    """In a worker forked from inside worker 0's running event loop: forget that loop.
+
+    Its objects stay as they are, unreachable from what this worker runs: the collector must not
+    finalize any of them (a finalizer would close a descriptor number that this worker may
+    have reused by then), and the loop is not closed (closing it would change registrations
+    in the epoll instance it shares with worker 0). Every inherited socket is closed but the
+    listening ones and the standard streams (under systemd, the journal's socket).
+    """
+    gc.freeze()
+    asyncio.events._set_running_loop(None)
+    signal.set_wakeup_fd(-1)
+    kept = {sock.fileno() for sock in keep} | {0, 1, 2}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in kept:
+            continue
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
