@@ -264,6 +264,77 @@ async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
     assert "Traceback" not in aegis.output()
 
 
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, as on this machine
+
+
+@pytest.fixture
+def pids_cgroup(tmp_path):
+    """A pids cgroup of its own, its limit set by the test (``pids.max``)."""
+    group = PIDS_CGROUPS / f"aegis-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a pids cgroup under {PIDS_CGROUPS}: {exc.strerror}")
+    yield group
+    # Still running only if the test failed before its stop.
+    deadline = time.monotonic() + 10
+    while pids := (group / "cgroup.procs").read_text().split():
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.1)
+    group.rmdir()
+
+
+@needs_aegis
+async def test_a_worker_that_cannot_be_forked_is_logged_and_tried_again(
+    children, upstreams, sockdir, pids_cgroup
+):
+    await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
+    limit = pids_cgroup / "pids.max"
+    limit.write_text("1")  # the parent alone
+    join = f'echo $$ > {pids_cgroup}/cgroup.procs && exec "$0" "$@"'
+    port = free_port()
+    aegis = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        prefix=["sh", "-c", join],
+    )
+    await aegis.ready("127.0.0.1", port)
+    await aegis.wait_for_output("cannot fork worker 1: Resource temporarily unavailable; trying")
+    # The parent serves alone meanwhile, and keeps trying.
+    assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"alive_value 1\n")
+    assert worker_pids(aegis.pid) == []
+    limit.write_text("2")
+    (worker,) = await wait_for_workers(aegis, 1)
+    await aegis.wait_for_output(f"worker 1: pid {worker}")
+
+    # A replacement that cannot be forked is tried again too.
+    limit.write_text("1")
+    os.kill(worker, signal.SIGKILL)
+    await aegis.wait_for_output(f"(pid {worker}) exited with -9; starting a new one")
+    deadline = time.monotonic() + 30
+    while aegis.output().count("cannot fork worker 1") < 2:
+        assert time.monotonic() < deadline, aegis.output()
+        await asyncio.sleep(0.1)
+    limit.write_text("2")
+    (replacement,) = await wait_for_workers(aegis, 1)
+    await aegis.wait_for_output(f"worker 1: pid {replacement}")
+    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(10)))
+    assert answers == [(200, b"alive_value 1\n")] * 10
+    aegis.popen.send_signal(signal.SIGTERM)
+    assert await aegis.wait(within=30) == 0, aegis.output()
+    assert "Traceback" not in aegis.output()
+
+
+async def wait_for_workers(aegis: Aegis, count: int) -> list[int]:
+    deadline = time.monotonic() + 30
+    while len(found := worker_pids(aegis.pid)) != count:
+        assert time.monotonic() < deadline, aegis.output()
+        await asyncio.sleep(0.1)
+    return found
+
+
 @needs_aegis
 async def test_a_stop_while_a_replacement_is_due_starts_none_and_exits_0(children, sockdir):
     aegis, _ = await start_aegis(children, sockdir, workers=2)

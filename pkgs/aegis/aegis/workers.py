@@ -69,6 +69,7 @@ class Workers:
         self._parent = os.getpid()
         self._children: dict[int, int] = {}  # pid -> index
         self._respawns: dict[int, asyncio.TimerHandle] = {}  # index -> pending replacement
+        self._due: set[int] = set()  # indexes with no process, and no replacement pending yet
         self._stopping_since: float | None = None
         #: A worker failed to stop cleanly: the server's exit status is then 1.
         self.failed = False
@@ -82,10 +83,12 @@ class Workers:
     def start(self) -> None:
         """Fork workers 1 to ``count - 1``; before worker 0 starts its event loop."""
         for index in range(1, self._count):
-            self._spawn(index, in_loop=False)
+            if self._spawn(index, in_loop=False) is None:
+                self._due.add(index)  # tried again once the event loop runs
 
     def reap(self) -> None:
-        """Collect the workers that ended; replace them unless the server is stopping."""
+        """Collect the workers that ended; replace them, and those that could not be forked,
+        a second later unless the server is stopping."""
         for pid in list(self._children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -100,10 +103,14 @@ class Workers:
                 self._hooks.exit(pid)
             if self._stopping_since is None:
                 log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
-                loop = asyncio.get_running_loop()
-                self._respawns[index] = loop.call_later(_RESPAWN_DELAY, self._respawn, index)
+                self._due.add(index)
             elif code != 0:
                 self.failed = True
+        if self._due and self._stopping_since is None:
+            loop = asyncio.get_running_loop()
+            for index in self._due:
+                self._respawns[index] = loop.call_later(_RESPAWN_DELAY, self._respawn, index)
+            self._due.clear()
 
     def stop(self) -> None:
         """Pass the stop on to every forked worker; no replacement is started from now on."""
@@ -139,10 +146,22 @@ class Workers:
         del self._respawns[index]
         if self._stopping_since is None:
             pid = self._spawn(index, in_loop=True)
-            log.info("worker %d: pid %d", index, pid)
+            if pid is None:
+                self._due.add(index)
+            else:
+                log.info("worker %d: pid %d", index, pid)
 
-    def _spawn(self, index: int, *, in_loop: bool) -> int:
-        pid = os.fork()
+    def _spawn(self, index: int, *, in_loop: bool) -> int | None:
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN: the process or memory limit
+            log.error(
+                "cannot fork worker %d: %s; trying again in %.0f s",
+                index,
+                exc.strerror or exc,
+                _RESPAWN_DELAY,
+            )
+            return None
         if pid:
             self._children[pid] = index
             return pid
