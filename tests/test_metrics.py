@@ -372,3 +372,18 @@ async def test_gzip_when_the_scraper_accepts_it(aegis: AegisFactory) -> None:
     assert "aegis_build_info" in text
     plain = await client.get("/-/metrics", headers={"Accept-Encoding": "identity"})
     assert "Content-Encoding" not in plain.headers
+
+
+def test_children_are_found_by_their_parent_pid_where_the_kernel_has_no_children_file() -> None:
+    # The fallback for kernels without CONFIG_PROC_CHILDREN (process_* of the whole server).
+    from aegis.metrics import _children_from_stat
+
+    kids = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        found = set(_children_from_stat(os.getpid()))
+        assert {kid.pid for kid in kids} <= found
+        assert os.getpid() not in found
+    finally:
+        for kid in kids:
+            kid.kill()
+            kid.wait()

@@ -10,6 +10,8 @@ import select
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -215,6 +217,21 @@ async def test_a_page_still_arriving_when_the_grace_period_ends_is_cut_off(
     assert "Traceback" not in out
 
 
+async def kept_alive_clients(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` connections, each answered one scrape of svc and kept open."""
+    clients = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /svc HTTP/1.1\r\nHost: aegis\r\n\r\n")
+        await reader.readuntil(b"alive_value 1\n")
+        clients.append(writer)
+    return clients
+
+
+def oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
 def socket_inodes(pid: int) -> set[str]:
     """The sockets a process holds a descriptor of ("socket:[inode]")."""
     found = set()
@@ -235,20 +252,17 @@ async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
     assert len(before) == 1, aegis.output()  # the parent is worker 0
     # Connections the parent holds when it forks the replacement: clients' and, in its pool,
     # the upstream's. The replacement must not keep them open.
-    clients = []
-    for _ in range(8):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /svc HTTP/1.1\r\nHost: aegis\r\n\r\n")
-        await reader.readuntil(b"alive_value 1\n")
-        clients.append(writer)
+    clients = await kept_alive_clients(port, 8)
     try:
         os.kill(before[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while len(after := worker_pids(aegis.pid)) != 1 or before[0] in after:
             assert time.monotonic() < deadline, f"no replacement worker; output:\n{aegis.output()}"
             await asyncio.sleep(0.1)
-        assert f"(pid {before[0]}) exited with -9; starting a new one" in aegis.output()
+        assert f"(pid {before[0]}) was killed by SIGKILL; starting a new one" in aegis.output()
         await aegis.wait_for_output(f"worker 1: pid {after[0]}")
+        # Out of memory, the kernel picks a forked worker rather than worker 0.
+        assert oom_score_adj(after[0]) == oom_score_adj(aegis.pid) + 100
         # The only sockets the two share are the listening ones (here one).
         held = socket_inodes(aegis.pid)
         assert len(held) > 3, held  # the listener, the clients' and the upstream's connections
@@ -306,19 +320,19 @@ async def test_a_worker_that_cannot_be_forked_is_logged_and_tried_again(
     assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"alive_value 1\n")
     assert worker_pids(aegis.pid) == []
     limit.write_text("2")
-    (worker,) = await wait_for_workers(aegis, 1)
+    (worker,) = await wait_for_workers_of(aegis.pid, 1)
     await aegis.wait_for_output(f"worker 1: pid {worker}")
 
     # A replacement that cannot be forked is tried again too.
     limit.write_text("1")
     os.kill(worker, signal.SIGKILL)
-    await aegis.wait_for_output(f"(pid {worker}) exited with -9; starting a new one")
+    await aegis.wait_for_output(f"(pid {worker}) was killed by SIGKILL; starting a new one")
     deadline = time.monotonic() + 30
     while aegis.output().count("cannot fork worker 1") < 2:
         assert time.monotonic() < deadline, aegis.output()
         await asyncio.sleep(0.1)
     limit.write_text("2")
-    (replacement,) = await wait_for_workers(aegis, 1)
+    (replacement,) = await wait_for_workers_of(aegis.pid, 1)
     await aegis.wait_for_output(f"worker 1: pid {replacement}")
     answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(10)))
     assert answers == [(200, b"alive_value 1\n")] * 10
@@ -327,12 +341,93 @@ async def test_a_worker_that_cannot_be_forked_is_logged_and_tried_again(
     assert "Traceback" not in aegis.output()
 
 
-async def wait_for_workers(aegis: Aegis, count: int) -> list[int]:
+@pytest.fixture
+def mount_namespaces() -> None:
+    if subprocess.run(["unshare", "--mount", "true"], check=False).returncode != 0:
+        pytest.skip("cannot make a mount namespace (unshare --mount)")
+
+
+@needs_aegis
+@pytest.mark.usefixtures("mount_namespaces")
+async def test_a_replacement_closes_the_parents_sockets_without_proc_too(
+    children, upstreams, sockdir
+):
+    # Aegis in a mount namespace of its own, /proc hidden under an empty tmpfs; the test still
+    # sees its processes through its own /proc.
+    await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
+    port = free_port()
+    hide = 'mount -t tmpfs none /proc && exec "$0" "$@"'
+    aegis = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        prefix=["unshare", "--mount", "sh", "-c", hide],
+    )
+    await aegis.ready("127.0.0.1", port)
+    await aegis.wait_for_output("2 workers: ")
+    server = aegis.pid  # unshare and sh exec, they do not fork
+    (worker,) = await wait_for_workers_of(server, 1)
+    clients = await kept_alive_clients(port, 6)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (now := worker_pids(server)) in ([], [worker]):
+            assert time.monotonic() < deadline, aegis.output()
+            await asyncio.sleep(0.1)
+        await aegis.wait_for_output(f"worker 1: pid {now[0]}")
+        assert len(socket_inodes(server) & socket_inodes(now[0])) == 1
+    finally:
+        for writer in clients:
+            writer.close()
+    assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"alive_value 1\n")
+    assert "Traceback" not in aegis.output()
+
+
+async def wait_for_workers_of(pid: int, count: int) -> list[int]:
     deadline = time.monotonic() + 30
-    while len(found := worker_pids(aegis.pid)) != count:
-        assert time.monotonic() < deadline, aegis.output()
+    while len(found := worker_pids(pid)) != count:
+        assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     return found
+
+
+@needs_aegis
+async def test_a_worker_is_reported_killed_even_when_the_launcher_ignores_sigchld(
+    children, sockdir
+):
+    ignore = (
+        "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+        "os.execvp(sys.argv[1], sys.argv[1:])"
+    )
+    port = free_port()
+    aegis = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        prefix=[sys.executable, "-c", ignore],
+    )
+    await aegis.ready("127.0.0.1", port)
+    (worker,) = await wait_for_workers_of(aegis.pid, 1)
+    os.kill(worker, signal.SIGKILL)
+    await aegis.wait_for_output(f"(pid {worker}) was killed by SIGKILL; starting a new one")
+    aegis.popen.send_signal(signal.SIGTERM)
+    assert await aegis.wait(within=30) == 0, aegis.output()
+
+
+@needs_aegis
+@pytest.mark.parametrize("attempt", range(5))
+async def test_a_stop_signal_to_the_whole_process_group_replaces_no_worker(
+    attempt, children, sockdir
+):
+    # As systemd's KillMode=control-group and a terminal's Ctrl-C do: every process at once.
+    port = free_port()
+    aegis = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        prefix=["setsid"],
+    )
+    await aegis.ready("127.0.0.1", port)
+    await wait_for_workers_of(aegis.pid, 1)
+    os.killpg(aegis.pid, signal.SIGTERM)
+    assert await aegis.wait(within=30) == 0, aegis.output()
+    out = aegis.output()
+    assert "starting a new one" not in out, out
+    assert "all workers stopped; exiting with 0" in out
 
 
 @needs_aegis
@@ -340,7 +435,7 @@ async def test_a_stop_while_a_replacement_is_due_starts_none_and_exits_0(childre
     aegis, _ = await start_aegis(children, sockdir, workers=2)
     (worker,) = worker_pids(aegis.pid)
     os.kill(worker, signal.SIGKILL)
-    await aegis.wait_for_output(f"(pid {worker}) exited with -9; starting a new one")
+    await aegis.wait_for_output(f"(pid {worker}) was killed by SIGKILL; starting a new one")
     aegis.popen.send_signal(signal.SIGTERM)  # within the second before the replacement
     assert await aegis.wait(within=30) == 0, aegis.output()
     out = aegis.output()

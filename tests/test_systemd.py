@@ -549,9 +549,12 @@ def test_a_killed_worker_is_replaced_inside_the_hardened_unit(booted: Booted) ->
         time.sleep(0.2)
     assert container.show("aegis.service", "MainPID")["MainPID"] == main
     journal = container.journal("aegis.service")
-    assert f"(pid {killed}) exited with -9; starting a new one" in journal
+    assert f"(pid {killed}) was killed by SIGKILL; starting a new one" in journal
     assert f"worker 1: pid {now[0]}" in journal
     assert "Traceback" not in journal
+    assert "cannot raise /proc/self/oom_score_adj" not in journal
+    main_adj = int(container.out("cat", f"/proc/{main}/oom_score_adj"))
+    assert int(container.out("cat", f"/proc/{now[0]}/oom_score_adj")) == min(1000, main_adj + 100)
     assert [booted.scrape("/local")[0] for _ in range(10)] == [200] * 10
 
 

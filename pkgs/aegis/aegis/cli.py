@@ -26,7 +26,7 @@ from .config import Config, ConfigError, normalize_route_prefix, parse_duration
 from .configfile import load_targets
 from .discovery import ExternalURL
 from .listeners import Listener, bind, remove_socket_files, socket_files, systemd_listeners
-from .process import raise_fd_limit
+from .process import open_standard_streams, raise_fd_limit
 from .proxy import make_app
 from .server import Serving, serve
 from .targets import Target, check_name
@@ -356,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    open_standard_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)

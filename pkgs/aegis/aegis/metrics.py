@@ -334,7 +334,25 @@ class _ProcessGroupCollector(Collector):
 def _with_children(pid: int) -> Iterator[int]:
     yield pid
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: at least this worker
-        children = [str(os.getpid())]
-    yield from (int(child) for child in children)
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN
+        children = list(_children_from_stat(pid))
+    if not children and os.getpid() != pid:
+        children = [os.getpid()]  # at least this worker
+    yield from children
+
+
+def _children_from_stat(parent: int) -> Iterator[int]:
+    """The children of ``parent``, found by the parent pid in every process's ``stat``."""
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold anything, so split after its last ")".
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
+            yield int(entry)

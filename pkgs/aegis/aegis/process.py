@@ -11,11 +11,27 @@ import os
 import resource
 import signal
 
-__all__ = ["die_with_parent", "raise_fd_limit", "release_free_memory"]
+__all__ = ["die_with_parent", "open_standard_streams", "raise_fd_limit", "release_free_memory"]
 
 log = logging.getLogger("aegis.server")
 
 _PR_SET_PDEATHSIG = 1
+
+
+def open_standard_streams() -> None:
+    """Open ``/dev/null`` on each of descriptors 0, 1 and 2 that was closed when Aegis started.
+
+    Otherwise the next descriptors opened take those numbers: a listening socket became
+    descriptor 0, and libuv aborts the process when it closes it (exit 134 at every stop).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def raise_fd_limit() -> int:

@@ -86,6 +86,9 @@ def serve(
         return _run_worker(app_factory, socks, serving)
     # Held back until worker 0's handlers are in place; a forked worker inherits the mask.
     signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    # Ignored by whoever started Aegis, SIGCHLD would have the kernel reap the workers itself,
+    # and how each ended would be lost.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # What this process imported is shared with every worker until someone writes to it; the
     # collector's bookkeeping is such a write, so the start-up objects are kept out of its way.
     # The event loop's module is imported here, once, rather than in each worker. (No
@@ -278,14 +281,20 @@ def _watch_signals(
     who = "worker" if family is None else "supervisor"
 
     def take() -> None:
-        while (info := signal.sigtimedwait(_BLOCKED, 0)) is not None:
-            if info.si_signo == signal.SIGHUP:
-                _ignore_hangup(who)
-            else:
-                stop.set()
-        if family is not None:
-            family.reap()
-        loop.call_later(_SIGNAL_POLL, take)
+        try:
+            while (info := signal.sigtimedwait(_BLOCKED, 0)) is not None:
+                if info.si_signo == signal.SIGHUP:
+                    _ignore_hangup(who)
+                else:
+                    stop.set()
+            if family is not None:
+                # A worker that the same stop signal ended (a whole process group signalled)
+                # is not replaced.
+                if stop.is_set():
+                    family.stop()
+                family.reap()
+        finally:
+            loop.call_later(_SIGNAL_POLL, take)
 
     take()
 

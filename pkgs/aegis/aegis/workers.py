@@ -20,11 +20,12 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .accept import Shares
@@ -37,6 +38,8 @@ log = logging.getLogger("aegis.server")
 # A worker that dies at once must not become a fork loop.
 _RESPAWN_DELAY = 1.0
 _REAP_POLL = 0.1
+# How much likelier than worker 0 a forked worker is to be picked by the kernel's OOM killer.
+_OOM_SCORE_ADJ_RAISE = 100
 # A killed process is gone at once, unless stuck in the kernel: then it is not waited for.
 _KILLED_WAIT = 5.0
 
@@ -92,19 +95,22 @@ class Workers:
         for pid in list(self._children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 0  # reaped elsewhere: its status is unknown
+            except ChildProcessError:  # reaped by someone else: its status is unknown
+                done, status = pid, None
             if done == 0:
                 continue
             index = self._children.pop(pid)
             self.shares.leave(index)
-            code = os.waitstatus_to_exitcode(status)
             if self._hooks.exit is not None:
-                self._hooks.exit(pid)
+                try:
+                    self._hooks.exit(pid)
+                except Exception:  # the replacement must come all the same
+                    log.exception("worker %d (pid %d): cleaning up after it failed", index, pid)
             if self._stopping_since is None:
-                log.error("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+                log.error("worker %d (pid %d) %s; starting a new one", index, pid, _ended(status))
                 self._due.add(index)
-            elif code != 0:
+            elif status is None or os.waitstatus_to_exitcode(status) != 0:
+                log.error("worker %d (pid %d) %s", index, pid, _ended(status))
                 self.failed = True
         if self._due and self._stopping_since is None:
             loop = asyncio.get_running_loop()
@@ -113,7 +119,10 @@ class Workers:
             self._due.clear()
 
     def stop(self) -> None:
-        """Pass the stop on to every forked worker; no replacement is started from now on."""
+        """Pass the stop on to every forked worker; no replacement is started from now on.
+        Once: a second call does nothing."""
+        if self._stopping_since is not None:
+            return
         self._stopping_since = time.monotonic()
         for handle in self._respawns.values():
             handle.cancel()
@@ -129,7 +138,11 @@ class Workers:
             self.reap()
             await asyncio.sleep(_REAP_POLL)
         if self._children:
-            log.error("workers did not stop within %.0f s; killing them", within)
+            log.error(
+                "workers did not stop within %.0f s; killing them: %s",
+                within,
+                " ".join(map(str, self._children)),
+            )
             self.failed = True
             self._signal(signal.SIGKILL)
             killed = time.monotonic()
@@ -169,6 +182,7 @@ class Workers:
         try:
             if in_loop:
                 _leave_the_loop(self._socks)
+            _prefer_for_the_oom_killer()
             if self._hooks.start is not None:
                 self._hooks.start()
             # SIGTERM when worker 0 dies, however it dies: a worker never serves unsupervised.
@@ -184,6 +198,28 @@ class Workers:
             os._exit(code)
 
 
+def _prefer_for_the_oom_killer() -> None:
+    """Raise this forked worker's ``oom_score_adj`` above worker 0's: out of memory, the kernel
+    then kills a forked worker, which worker 0 replaces in a second, rather than worker 0,
+    whose death ends every worker (and leaves the restart to systemd)."""
+    path = "/proc/self/oom_score_adj"
+    try:
+        with open(path, "r+") as adj:
+            raised = min(1000, int(adj.read()) + _OOM_SCORE_ADJ_RAISE)
+            adj.seek(0)
+            adj.write(f"{raised}\n")
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise %s: %s", path, exc)
+
+
+def _ended(status: int | None) -> str:
+    if status is None:
+        return "ended (its exit status is unknown)"
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with {os.waitstatus_to_exitcode(status)}"
+
+
 def _leave_the_loop(keep: list[socket.socket]) -> None:
     """In a worker forked from inside worker 0's running event loop: forget that loop.
 
@@ -197,10 +233,18 @@ def _leave_the_loop(keep: list[socket.socket]) -> None:
     asyncio.events._set_running_loop(None)
     signal.set_wakeup_fd(-1)
     kept = {sock.fileno() for sock in keep} | {0, 1, 2}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    for fd in _open_descriptors():
         if fd in kept:
             continue
         with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
             if stat.S_ISSOCK(os.fstat(fd).st_mode):
                 os.close(fd)
+
+
+def _open_descriptors() -> Iterable[int]:
+    """This process's open descriptors: from /proc, or where /proc is not mounted, every number
+    below the descriptor limit (slower, but a replacement must not keep the parent's sockets)."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return range(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
