@@ -13,6 +13,11 @@ read or while the connection is idle, are never read as part of any answer (the 
 dropped instead of reused). An unsolicited answer that arrives only after the connection was
 reused cannot be told from the answer to the new request (HTTP/1.1 has no request ids): it is
 taken for it, and the real answer, coming on top, then closes the connection.
+
+A body framed by ``Content-Length`` goes through llhttp only as far as the read that carried the
+end of the head: the reads after it are the body as they come, queued for the handler as they are
+(llhttp would hand each over as a fresh copy). Such a connection gets a fresh parser for its next
+exchange, llhttp still waiting for the body it was not given.
 """
 
 from __future__ import annotations
@@ -85,6 +90,10 @@ class Exchange(asyncio.Protocol):
         self._paused = False
         self._got_bytes = False
         self._framed = False
+        # Body bytes still due by the final answer's Content-Length; -1 without one (or before
+        # the head). Once the head's read is parsed, the rest is taken around the parser.
+        self._left = -1
+        self._around = False
         self._complete = False
         self._keep_alive = False
         self._error: UpstreamError | None = None
@@ -167,6 +176,9 @@ class Exchange(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
+        if self._around:
+            self._body_around(data)
+            return
         self._unproductive += len(data)
         try:
             self._parser.feed_data(data)
@@ -180,6 +192,7 @@ class Exchange(asyncio.Protocol):
             self._fail(UpstreamError("protocol", f"invalid HTTP from upstream: {exc}"))
         else:
             if self._unproductive <= MAX_HEAD or self._complete:
+                self._around = self._left > 0 and not self._complete
                 return
             what = "response head" if self.status == 0 else "chunk framing or trailers"
             self._fail(UpstreamError("too_large", f"{what} over {MAX_HEAD} bytes"))
@@ -187,6 +200,28 @@ class Exchange(asyncio.Protocol):
         # complete answer (they belong to no request; reused, they would answer the next one).
         self._keep_alive = False
         self.abort()
+
+    def _body_around(self, data: bytes) -> None:
+        """The next read of a body framed by Content-Length, the parser left out."""
+        left = self._left
+        size = len(data)
+        if size < left:
+            self._left = left - size
+            self._queue(data)
+            return
+        self._left = 0
+        self._around = False
+        self._complete = True
+        self._keep_alive = size == left and self._parser.should_keep_alive()
+        if self._keep_alive:
+            # llhttp is still in the middle of this body: the next answer needs a parser of its
+            # own.
+            self._parser = httptools.HttpResponseParser(self)
+        self._queue(data if size == left else data[:left])
+        self._wake()
+        if size > left:
+            # Bytes after the complete answer belong to no request: the connection is done.
+            self.abort()
 
     def eof_received(self) -> bool:
         return False
@@ -242,6 +277,8 @@ class Exchange(asyncio.Protocol):
         self._framed = status in (204, 304) or any(
             n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
         )
+        if self._framed and not self._head_only and status not in (204, 304):
+            self._left = _content_length(self.headers)
         if self._head_only:
             # llhttp does not know this answered a HEAD and would wait for the announced body;
             # the exchange ends here and the connection is not reused.
@@ -254,6 +291,11 @@ class Exchange(asyncio.Protocol):
         if self._complete:
             return
         self._unproductive = 0
+        if self._left > 0:
+            self._left -= len(body)
+        self._queue(body)
+
+    def _queue(self, body: bytes) -> None:
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -272,6 +314,19 @@ class Exchange(asyncio.Protocol):
     def _stop(self, error: UpstreamError) -> None:
         self._fail(error)
         raise _Stop
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The body's length as Content-Length announces it, or -1 when another framing (chunked,
+    or one llhttp would refuse) applies. llhttp accepted the head: one value, digits only."""
+    length = -1
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            return -1
+        if lower == b"content-length":
+            length = int(value)
+    return length
 
 
 class UpstreamPool:
