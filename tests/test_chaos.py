@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from aegisrun import Aegis, Children, needs_aegis, worker_pids
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ownmetrics import own_metrics, total
 from prometheus_client.samples import Sample
@@ -384,15 +384,17 @@ async def served(sockdir: Path, upstreams: Upstreams, children: Children) -> Ser
 @needs_aegis
 @_PROPERTY
 @given(headers=_HEADERS)
+@example(headers=[(b"expect", b"!")])  # once answered 417 by aiohttp, and counted nowhere
 async def test_any_request_head_gets_a_deliberate_counted_answer(
     served: Served, headers: list[tuple[bytes, bytes]]
 ) -> None:
     lines = [b"%s: %s" % (name, value) for name, value in headers]
     outcome = await exchange(served.port, get("svc", *lines))
     # 400: the HTTP parser refused the head before the proxy saw it (a name that is no token,
-    # a NUL, a bad Content-Length or Host); anything the proxy saw is answered and counted.
-    assert outcome in (200, 400, 431), (headers, outcome)
-    if outcome == 200:
+    # a NUL, a bad Content-Length or Host); anything the proxy saw is answered and counted
+    # (417: an Expect other than 100-continue).
+    assert outcome in (200, 400, 417, 431), (headers, outcome)
+    if outcome in (200, 417):
         served.sent += 1
     await settle(served.port, served.sent)
     # aiohttp logs the heads its parser refuses with a traceback; the proxy logs none.

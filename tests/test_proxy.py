@@ -92,6 +92,25 @@ async def test_only_get_and_head(
     assert 'target="svc"' not in text
 
 
+async def test_an_unknown_expectation_is_417_and_counted(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    seen = await upstreams.metrics(sockdir / "svc.sock", PAGE)
+    client = await aegis()
+    response = await client.get("/svc", headers={"Expect": "!"})
+    assert (response.status, await response.text()) == (
+        417,
+        "only Expect: 100-continue is understood\n",
+    )
+    assert seen == []
+    # 100-continue is granted: the scrape goes on.
+    response = await client.get("/svc", headers={"Expect": "100-continue"})
+    assert (response.status, await response.text()) == (200, PAGE)
+    text = await scrape(client)
+    assert metric_value(text, "aegis_requests_total", target="", code="417") == 1
+    assert metric_value(text, "aegis_requests_total", target="svc", code="200") == 1
+
+
 async def test_head_gives_the_head_without_a_body(
     aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
 ) -> None:

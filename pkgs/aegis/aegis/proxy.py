@@ -28,7 +28,7 @@ import pwd
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CollectorRegistry
 
 from . import discovery
@@ -170,10 +170,25 @@ def make_app(
     app.router.add_get(prefix + "/-/ready", discovery.ready)
     app.router.add_get(prefix + "/-/sd", service_discovery)
     app.router.add_get(prefix + "/-/metrics", own_metrics)
-    app.router.add_get(prefix + "/{name}", _handle)
+    app.router.add_get(prefix + "/{name}", _handle, expect_handler=_expectation)
     # Any other method on a name is answered here rather than by the router, so it is counted.
     app.router.add_route(hdrs.METH_ANY, prefix + "/{name}", _method_not_allowed)
     return app
+
+
+async def _expectation(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` is granted, as aiohttp does (a scrape has no body to wait for
+    anyway), and HTTP/1.0 expects nothing; any other expectation is 417, counted under
+    ``target=""`` like a 405 (aiohttp's own 417 was counted nowhere)."""
+    if request.version != HttpVersion11:
+        return None
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own size starts after this line
+        return None
+    request.app[METRICS_KEY].request("", 417)
+    return web.Response(status=417, text="only Expect: 100-continue is understood\n")
 
 
 async def _method_not_allowed(request: web.Request) -> web.Response:
