@@ -607,6 +607,30 @@ async def test_odd_bytes_in_every_request_header_go_to_the_upstream_as_they_came
             "too_large",
             id="many-interim-answers",
         ),
+        # llhttp reads a body on an interim answer; it was relayed before the page.
+        pytest.param(
+            b"HTTP/1.1 150 Hmm\r\nContent-Length: 5\r\n\r\nEVIL!"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nup 1\n",
+            "protocol",
+            id="interim-answer-with-a-body",
+        ),
+        pytest.param(
+            b"HTTP/1.1 199 Hmm\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nEVIL!\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nup 1\n",
+            "protocol",
+            id="interim-answer-with-a-chunked-body",
+        ),
+        # llhttp takes any number of digits; Python's int() refuses more than 4300.
+        pytest.param(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 1" + b"0" * 5000 + b"\r\n\r\n",
+            "protocol",
+            id="204-with-a-content-length-of-5001-digits",
+        ),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1" + b"0" * 18 + b"\r\n\r\nup 1\n",
+            "protocol",
+            id="content-length-of-19-digits",
+        ),
     ],
 )
 async def test_nonsense_answers_are_a_counted_502(
@@ -625,6 +649,49 @@ async def test_nonsense_answers_are_a_counted_502(
     assert registry.get_sample_value("aegis_upstream_errors_total", {"target": "svc", "kind": kind})
     assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"})
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_content_length_of_5000_zeros_is_0_and_one_of_5001_digits_a_502(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    method: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # llhttp lets both through; Python's int() refused them (a traceback, counted "internal").
+    zeros = b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"\r\n\r\n"
+    huge = b"HTTP/1.1 200 OK\r\nContent-Length: 1" + b"0" * 5000 + b"\r\n\r\n"
+    await upstreams.raw(sockdir / "zeros.sock", answer_once(zeros))
+    await upstreams.raw(sockdir / "huge.sock", answer_once(huge))
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    response = await client.request(method, "/zeros")
+    assert (response.status, await response.read()) == (200, b"")
+    response = await client.request(method, "/huge")
+    assert response.status == 502
+    assert registry.get_sample_value(
+        "aegis_upstream_errors_total", {"target": "huge", "kind": "protocol"}
+    )
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_204s_content_length_is_not_relayed(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    # RFC 9110: a 204 has no Content-Length; a 304's tells the page's length, and is kept.
+    answers = {
+        "nothing": b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+        "same": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+    }
+    for name, answer in answers.items():
+        await upstreams.raw(sockdir / f"{name}.sock", answer_once(answer))
+    client = await aegis()
+    response = await client.get("/nothing")
+    assert (response.status, await response.read()) == (204, b"")
+    assert "Content-Length" not in response.headers
+    response = await client.get("/same")
+    assert (response.status, response.headers["Content-Length"]) == (304, "5")
 
 
 async def test_an_endless_response_head_is_cut_off(

@@ -377,7 +377,9 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
                 # page go out in one write, no streaming machinery.
                 metrics.upstream(name, time.perf_counter() - started)
                 empty = head_only or conn.status in (204, 304)
-                fields, has_date, _ = relayed_fields(conn.headers, keep_length=empty)
+                # A HEAD's and a 304's Content-Length tell the page's length; a 204 has none.
+                keep = head_only or conn.status == 304
+                fields, has_date, _ = relayed_fields(conn.headers, keep_length=keep)
                 response = Relayed(
                     conn.status,
                     conn.reason,

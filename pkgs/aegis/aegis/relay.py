@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .upstream import content_length
+
 __all__ = ["Relayed", "relayed_fields"]
 
 # What aiohttp puts in a response's headers in prepare() on its own (spelt as it does): framing
@@ -54,7 +56,7 @@ def relayed_fields(headers: Fields, *, keep_length: bool) -> tuple[Fields, bool,
         if lower in _HOP_BY_HOP or lower in named:
             continue
         if lower == b"content-length":
-            length = int(value)  # the parser accepted it: digits only, one value
+            length = content_length(value)  # checked with the head: digits, one value
             if not keep_length:
                 continue
         elif lower == b"date":

@@ -39,6 +39,9 @@ _LOW_WATER = 16 * 1024
 #: progress (chunk extensions, trailers). A real exporter's head is a few hundred bytes.
 MAX_HEAD = 64 * 1024
 
+# A Content-Length of more digits is refused (an exabyte).
+_MAX_LENGTH_DIGITS = 18
+
 
 class UpstreamError(Exception):
     """The upstream failed. ``kind`` is a short word for metrics; the message is for people."""
@@ -274,6 +277,12 @@ class Exchange(asyncio.Protocol):
             return
         self._unproductive = 0
         self.status = status
+        for name, value in self.headers:
+            if name.lower() == b"content-length":
+                try:
+                    content_length(value)
+                except ValueError as exc:
+                    self._stop(UpstreamError("protocol", str(exc)))
         self._framed = status in (204, 304) or any(
             n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
         )
@@ -290,6 +299,10 @@ class Exchange(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._complete:
             return
+        if self.status == 0:
+            # llhttp reads a body framed on an interim answer (a 1xx other than 100, 102 and
+            # 103): relayed, it would come before the page, as part of it.
+            self._stop(UpstreamError("protocol", "an interim (1xx) answer with a body"))
         self._unproductive = 0
         if self._left > 0:
             self._left -= len(body)
@@ -325,8 +338,20 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
         if lower == b"transfer-encoding":
             return -1
         if lower == b"content-length":
-            length = int(value)
+            length = content_length(value)
     return length
+
+
+def content_length(value: bytes) -> int:
+    """A Content-Length value llhttp accepted (digits, maybe leading zeros), as a number.
+
+    ValueError past 18 significant digits: no page is an exabyte, and Python's ``int()`` refuses
+    strings of more than 4300 digits, leading zeros included, which llhttp lets through.
+    """
+    digits = value.strip().lstrip(b"0")
+    if len(digits) > _MAX_LENGTH_DIGITS:
+        raise ValueError(f"Content-Length of {len(digits)} digits")
+    return int(digits or b"0")
 
 
 class UpstreamPool:
