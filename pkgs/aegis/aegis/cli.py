@@ -45,7 +45,7 @@ DEFAULT_SOCKDIR = "./run"
 
 def default_workers() -> int:
     """One worker per available CPU, at most two: past that a scrape proxy gains little speed
-    and each further worker costs about 20 MB."""
+    and each further worker costs about 9 MB (31.5 MB PSS idle with one, 40.8 MB with two)."""
     return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
