@@ -307,7 +307,8 @@ class _ProcessGroupCollector(Collector):
     """
 
     def __init__(self, shared: Path) -> None:
-        self._shared = shared
+        # Written before any worker was forked, so read once (None: not made by metrics_dir).
+        self._server = server_pid(shared)
 
     _SUMMED = (
         "process_cpu_seconds",
@@ -317,7 +318,7 @@ class _ProcessGroupCollector(Collector):
     )
 
     def collect(self) -> Iterable[Metric]:
-        server = server_pid(self._shared) or os.getppid()
+        server = self._server or os.getppid()
         families: dict[str, Metric] = {}
         for pid in _with_children(server):
             collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]

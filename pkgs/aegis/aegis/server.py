@@ -222,8 +222,7 @@ def _run_worker(
         _watch_signals(loop, stop, family)
         await stop.wait()
         end = loop.time() + serving.shutdown_grace
-        if family is not None:
-            family.stop()
+        # The forked workers were told by now: _watch_signals passes the stop on as it sets it.
         connections, requests = len(live), len(in_flight.tasks)
         for acceptor in acceptors:
             acceptor.close()

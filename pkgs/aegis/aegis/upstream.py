@@ -26,7 +26,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import NoReturn, cast
 
 import httptools
 
@@ -277,17 +277,15 @@ class Exchange(asyncio.Protocol):
             return
         self._unproductive = 0
         self.status = status
-        for name, value in self.headers:
-            if name.lower() == b"content-length":
-                try:
-                    content_length(value)
-                except ValueError as exc:
-                    self._stop(UpstreamError("protocol", str(exc)))
+        try:
+            length = _content_length(self.headers)
+        except ValueError as exc:
+            self._stop(UpstreamError("protocol", str(exc)))
         self._framed = status in (204, 304) or any(
             n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
         )
         if self._framed and not self._head_only and status not in (204, 304):
-            self._left = _content_length(self.headers)
+            self._left = length
         if self._head_only:
             # llhttp does not know this answered a HEAD and would wait for the announced body;
             # the exchange ends here and the connection is not reused.
@@ -324,22 +322,23 @@ class Exchange(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
 
-    def _stop(self, error: UpstreamError) -> None:
+    def _stop(self, error: UpstreamError) -> NoReturn:
         self._fail(error)
         raise _Stop
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
-    """The body's length as Content-Length announces it, or -1 when another framing (chunked,
-    or one llhttp would refuse) applies. llhttp accepted the head: one value, digits only."""
-    length = -1
+    """The body's length as Content-Length announces it, or -1 when another framing (chunked)
+    applies or none is given. Every Content-Length value is checked (:func:`content_length`,
+    ValueError), whatever the framing: a HEAD's or a 204's is relayed as a number too."""
+    length, chunked = -1, False
     for name, value in headers:
         lower = name.lower()
         if lower == b"transfer-encoding":
-            return -1
-        if lower == b"content-length":
+            chunked = True
+        elif lower == b"content-length":
             length = content_length(value)
-    return length
+    return -1 if chunked else length
 
 
 def content_length(value: bytes) -> int:

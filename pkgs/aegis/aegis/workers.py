@@ -133,10 +133,7 @@ class Workers:
         """Wait for the forked workers, at most ``within`` seconds after :meth:`stop`; kill
         those still running then."""
         assert self._stopping_since is not None
-        deadline = self._stopping_since + within
-        while self._children and time.monotonic() < deadline:
-            self.reap()
-            await asyncio.sleep(_REAP_POLL)
+        await self._reaped_by(self._stopping_since + within)
         if self._children:
             log.error(
                 "workers did not stop within %.0f s; killing them: %s",
@@ -145,10 +142,15 @@ class Workers:
             )
             self.failed = True
             self._signal(signal.SIGKILL)
-            killed = time.monotonic()
-            while self._children and time.monotonic() - killed < _KILLED_WAIT:
-                await asyncio.sleep(_REAP_POLL)
-                self.reap()
+            await self._reaped_by(time.monotonic() + _KILLED_WAIT)
+
+    async def _reaped_by(self, deadline: float) -> None:
+        """Until every forked worker is reaped, or ``deadline`` (``time.monotonic()``)."""
+        while True:
+            self.reap()
+            if not self._children or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(_REAP_POLL)
 
     def _signal(self, signum: signal.Signals) -> None:
         for pid in self._children:
