@@ -9,8 +9,8 @@
       inherit (nixpkgs) lib;
 
       # Linux only: besides the NixOS module, Aegis itself uses Linux-only
-      # calls (os.sched_getaffinity picks the default worker count), and its
-      # package declares no other platform.
+      # calls (TCP_INFO for the write deadline, /proc for long socket paths),
+      # and its package declares no other platform.
       systems = [
         "x86_64-linux"
         "aarch64-linux"

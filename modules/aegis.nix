@@ -248,7 +248,7 @@ in
         RuntimeDirectoryMode = "0750";
         # Each scrape holds a client and an upstream connection; systemd's
         # default soft limit of 1024 descriptors would cap Aegis near 500
-        # scrapes in flight per worker.
+        # scrapes in flight.
         LimitNOFILE = 65536;
 
         # Hardening

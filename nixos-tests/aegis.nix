@@ -80,8 +80,6 @@ in
           };
           webConfigFile = "${webConfig}";
           extraFlags = [
-            "--workers"
-            "2"
             "--web.listen-address"
             "unix:${listenSocket}"
           ];
@@ -282,14 +280,11 @@ in
         assert modes == ["aegis:within", "750", "aegis:within", "660"], f"unexpected modes: {modes}"
         server.succeed(f"runuser -u fake-exporter -- {curl} -sSf --unix-socket ${listenSocket} https://localhost/-/healthy")
 
-    with subtest("aegis runs as aegis with two workers on uvloop"):
+    with subtest("aegis runs as aegis, one process on uvloop"):
         main = server.succeed("systemctl show -P MainPID aegis.service").strip()
         assert server.succeed(f"stat -c %U:%G /proc/{main}").strip() == "aegis:within"
-        # The main process is worker 0; it forked the other.
-        workers = [main, *server.succeed(f"ps -o pid= --ppid {main}").split()]
-        assert len(workers) == 2, f"expected two workers, not {workers}"
-        for worker in workers:
-            server.succeed(f"grep -qF /uvloop/loop. /proc/{worker}/maps")
+        server.fail(f"ps -o pid= --ppid {main}")
+        server.succeed(f"grep -qF /uvloop/loop. /proc/{main}/maps")
 
     with subtest("a killed aegis is restarted after RestartSec"):
         main = server.succeed("systemctl show -P MainPID aegis.service").strip()

@@ -71,7 +71,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 async def fresh_get(
     url: str, within: float = 30.0, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:
-    """One GET on a fresh connection, so each lands on whichever worker the kernel picks."""
+    """One GET on a fresh connection."""
     connector = aiohttp.TCPConnector(force_close=True)
     async with (
         aiohttp.ClientSession(
@@ -137,7 +137,7 @@ class Aegis:
             return
 
     async def wait_for_output(self, text: str, within: float = 15.0) -> str:
-        """Until ``text`` is in the output, e.g. the supervisor's "2 workers: " line."""
+        """Until ``text`` is in the output, e.g. the start line's " -> "."""
         deadline = time.monotonic() + within
         while text not in (out := self.output()):
             if self.popen.poll() is not None:
@@ -166,7 +166,7 @@ class Aegis:
                 self.popen.wait(5)
 
 
-def worker_pids(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """The live child processes of ``pid``, from /proc (no CONFIG_PROC_CHILDREN needed)."""
     found = []
     for entry in Path("/proc").iterdir():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,14 @@ RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 
 
 @pytest.fixture
-def sockdir(tmp_path: Path) -> Path:
-    path = tmp_path / "run"
+def sockdir() -> Iterator[Path]:
+    """An empty socket directory with a short path of its own: a socket's path must fit 107
+    bytes, and ``tmp_path`` grows with the test's name and pytest-xdist's worker directory."""
+    base = Path(tempfile.mkdtemp(prefix="aegis-"))
+    path = base / "run"
     path.mkdir()
-    return path
+    yield path
+    shutil.rmtree(base, ignore_errors=True)
 
 
 class Upstreams:

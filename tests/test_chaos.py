@@ -1,7 +1,7 @@
-"""Chaos: the real ``aegis`` with two workers against misbehaving upstreams and abusive clients.
+"""Chaos: the real ``aegis`` against misbehaving upstreams and abusive clients.
 
-Afterwards the invariants hold: no 500, every request that reached the proxy counted (across
-workers), nothing in flight, every target answers 200 again once its service behaves, memory and
+Afterwards the invariants hold: no 500, every request that reached the proxy counted once,
+nothing in flight, every target answers 200 again once its service behaves, memory and
 descriptors back near the baseline, no traceback in the log. A property-based part (Hypothesis)
 throws arbitrary request heads and upstream answers at the same server.
 """
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from aegisrun import Aegis, Children, needs_aegis, worker_pids
+from aegisrun import Aegis, Children, needs_aegis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ownmetrics import own_metrics, total
@@ -206,14 +206,12 @@ def get(name: str, *headers: bytes) -> bytes:
 
 
 def footprint(parent: int) -> tuple[int, int]:
-    """Resident KiB and open descriptors of the supervisor and its workers, added up."""
-    rss = fds = 0
-    for pid in (parent, *worker_pids(parent)):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss += int(line.split()[1])
-        fds += len(os.listdir(f"/proc/{pid}/fd"))
-    return rss, fds
+    """Resident KiB and open descriptors of the process."""
+    rss = 0
+    for line in Path(f"/proc/{parent}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{parent}/fd"))
 
 
 async def counted(port: int, expected: int) -> list[Sample]:
@@ -228,9 +226,7 @@ async def counted(port: int, expected: int) -> list[Sample]:
 
 
 async def start(children: Children, sockdir: Path) -> tuple[Aegis, int]:
-    child, port = await children.serve(sockdir, "--workers", "2", "--scrape.timeout=5s")
-    await child.wait_for_output("2 workers: ")
-    return child, port
+    return await children.serve(sockdir, "--scrape.timeout=5s")
 
 
 @needs_aegis
@@ -245,7 +241,7 @@ async def test_chaos_then_the_invariants(
 
     async def every_target_answers_200() -> None:
         nonlocal sent
-        for _ in range(4):  # fresh connections: both workers, most likely
+        for _ in range(4):  # fresh connections
             outcomes = await asyncio.gather(*(exchange(port, get(name)) for name in MISBEHAVIOURS))
             sent += len(outcomes)
             assert set(outcomes) == {200}, dict(zip(MISBEHAVIOURS, outcomes, strict=True))
@@ -311,7 +307,7 @@ async def test_chaos_then_the_invariants(
     assert total(samples, "aegis_requests_total", code="500") == 0
     assert total(samples, "aegis_requests_in_flight") == 0
     rss, fds = footprint(child.pid)
-    # Idle pooled connections may sit in the other worker now: one per target at most.
+    # Idle pooled connections may remain: one per target at most.
     assert fds <= baseline_fds + len(MISBEHAVIOURS) + 4, (fds, baseline_fds)
     assert rss <= baseline_rss + 24 * 1024, (rss, baseline_rss)
     assert "Traceback" not in child.output()

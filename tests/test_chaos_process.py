@@ -1,4 +1,4 @@
-"""The real ``aegis`` with two workers under process- and connection-level abuse.
+"""The real ``aegis`` under process- and connection-level abuse.
 
 Each test ends with the invariants: no 500 was answered, no traceback in the log, and (where
 the test did not stop it) Aegis still serves.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
+from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis
 
 from conftest import Upstreams
 
@@ -33,9 +32,7 @@ _TCP_CLOSE = 7
 
 
 async def start(children: Children, sockdir: Path, *flags: str) -> tuple[Aegis, int]:
-    aegis, port = await children.serve(sockdir, "--workers", "2", *flags)
-    await aegis.wait_for_output("2 workers: ")
-    return aegis, port
+    return await children.serve(sockdir, *flags)
 
 
 async def assert_invariants(aegis: Aegis, port: int | None) -> None:
@@ -60,22 +57,12 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 async def test_a_second_instance_on_the_same_address_exits_1(
     children: Children, upstreams: Upstreams, sockdir: Path
 ) -> None:
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     first, port = await start(children, sockdir)
-    second = children.start(
-        "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"
-    )
+    second = children.start("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir))
     assert await second.wait(within=30) == 1, second.output()
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.output()
     # Nor can any other program join the port, SO_REUSEPORT or not.
@@ -95,7 +82,7 @@ async def test_unfinished_heads_get_431_and_the_memory_comes_back(
 ) -> None:
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     aegis, port = await start(children, sockdir, "--web.read-header-timeout=60s")
-    processes = [aegis.pid, *worker_pids(aegis.pid)]
+    processes = [aegis.pid]
     await assert_invariants(aegis, port)
     baseline = rss_kib(processes)
     line = b"X-Filler: " + b"f" * 8000 + b"\r\n"
@@ -151,11 +138,8 @@ async def test_clients_that_never_read_are_cut_at_the_write_deadline(
     await upstreams.metrics(sockdir / "svc.sock", PAGE)
     await upstreams.metrics(sockdir / "big.sock", "chaos_big_value 1\n" * 200)
     aegis, port = await start(children, sockdir, "--web.write-timeout=2s")
-    workers = [aegis.pid, *worker_pids(aegis.pid)]
-    for _ in range(4):  # each worker opens its metric files on its first scrapes: side by
-        # side, so both workers answer some
-        await asyncio.gather(*(assert_invariants(aegis, port) for _ in range(4)))
-    fds_before = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers)
+    await asyncio.gather(*(assert_invariants(aegis, port) for _ in range(4)))
+    fds_before = len(os.listdir(f"/proc/{aegis.pid}/fd"))
     # Aegis's own pages and relayed scrapes (written whole, in one write) alike.
     requests = [
         b"GET /%s HTTP/1.1\r\nHost: aegis\r\n\r\n" % path for path in (b"-/metrics", b"big")
@@ -178,179 +162,17 @@ async def test_clients_that_never_read_are_cut_at_the_write_deadline(
         # plain close would leave each in FIN-WAIT-1 with its unsent answers for minutes).
         peers = {sock.getsockname()[1] for sock in readers}
         assert not peers & server_side_peers(port)
-        # The workers gave back their descriptors, all but the idle upstream connections the
-        # relayed scrapes left in the pool (one per client scraping at the same time, at most).
+        # Aegis gave back its descriptors, all but the idle upstream connections the relayed
+        # scrapes left in the pool (one per client scraping at the same time, at most).
         deadline = time.monotonic() + 10
         kept = fds_before + 2 + len(readers) // 2
-        while sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) > kept:
+        while len(os.listdir(f"/proc/{aegis.pid}/fd")) > kept:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
     finally:
         for sock in readers:
             sock.close()
-    assert [aegis.pid, *worker_pids(aegis.pid)] == workers
     await assert_invariants(aegis, port)
-
-
-async def test_sighup_neither_stops_the_supervisor_nor_a_worker(
-    children: Children, upstreams: Upstreams, sockdir: Path
-) -> None:
-    await upstreams.metrics(sockdir / "svc.sock", PAGE)
-    aegis, port = await start(children, sockdir)
-    workers = worker_pids(aegis.pid)
-    aegis.popen.send_signal(signal.SIGHUP)
-    await aegis.wait_for_output("supervisor: SIGHUP ignored")
-    os.kill(workers[0], signal.SIGHUP)
-    await aegis.wait_for_output("worker: SIGHUP ignored")
-    await assert_invariants(aegis, port)
-    assert worker_pids(aegis.pid) == workers
-    assert await aegis.stop() == 0
-    assert len(re.findall(r"worker \d+ stopped: ", aegis.output())) == 2
-
-
-@pytest.mark.parametrize("where", ["tmp", "runtime"])
-async def test_workers_of_a_killed_supervisor_exit_and_leave_nothing_behind(
-    where: str, children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
-) -> None:
-    await upstreams.metrics(sockdir / "svc.sock", PAGE)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    env = f"TMPDIR={scratch}" if where == "tmp" else f"RUNTIME_DIRECTORY={scratch}"
-    unix = tmp_path / "aegis.sock"
-    aegis = children.start(
-        "--web.listen-address",
-        f"unix:{unix}",
-        "-sockdir",
-        str(sockdir),
-        "--workers",
-        "2",
-        prefix=["env", env],
-    )
-    await aegis.wait_for_output("2 workers: ")
-    await aegis.ready(None, unix)
-    workers = worker_pids(aegis.pid)
-    assert len(workers) == 1  # the parent is worker 0
-    assert list(scratch.iterdir()), "no metrics directory"
-    aegis.popen.kill()
-    deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in workers):
-        assert time.monotonic() < deadline, f"workers still running:\n{aegis.output()}"
-        await asyncio.sleep(0.1)
-    assert not unix.exists()
-    assert list(scratch.iterdir()) == []
-    out = aegis.output()
-    assert re.search(r"worker \d+: the supervisor \d+ is gone", out), out
-    await assert_invariants(aegis, None)
-
-
-async def test_a_scrape_in_flight_when_the_supervisor_is_killed_is_answered_and_counted(
-    children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
-) -> None:
-    # The scrape is on the forked worker, which counts it when the grace period ends: the
-    # metrics directory must stay until it has left too, whoever left first.
-    asked: asyncio.Queue[int] = asyncio.Queue()
-    creds = struct.Struct("3i")
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        sock = writer.get_extra_info("socket")
-        pid, _, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
-        asked.put_nowait(pid)
-        await reader.read()
-
-    await upstreams.raw(sockdir / "hang.sock", silent)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    port = free_port()
-    aegis = children.start(
-        "-hostport",
-        f"127.0.0.1:{port}",
-        "-sockdir",
-        str(sockdir),
-        "--workers",
-        "2",
-        "--shutdown.grace-period",
-        "2s",
-        prefix=["env", f"TMPDIR={scratch}"],
-    )
-    await aegis.wait_for_output("2 workers: ")
-    await aegis.ready("127.0.0.1", port)
-    workers = worker_pids(aegis.pid)
-
-    async def scrape() -> bytes:
-        # Not aiohttp's client: it asks again, on a new connection, when one breaks.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /hang HTTP/1.1\r\nHost: aegis\r\nConnection: close\r\n")
-        writer.write(b"X-Prometheus-Scrape-Timeout-Seconds: 30\r\n\r\n")
-        try:
-            return await reader.read()
-        except ConnectionResetError:
-            return b""
-        finally:
-            writer.close()
-
-    # Scrapes until one waits in the forked worker (one holding more connections steps back).
-    on_parent: list[asyncio.Task[bytes]] = []
-    for _ in range(20):
-        in_flight = asyncio.create_task(scrape())
-        if await asyncio.wait_for(asked.get(), 20) in workers:
-            break
-        on_parent.append(in_flight)
-    else:
-        pytest.fail(f"no scrape reached the forked worker:\n{aegis.output()}")
-    aegis.popen.kill()
-    answer = await in_flight
-    assert answer.startswith(b"HTTP/1.1 503 "), answer
-    assert answer.endswith(b"\r\n\r\naegis is stopping: the grace period ended\n"), answer
-    # Those on the killed process are cut: it could answer nothing.
-    assert [await task for task in on_parent] == [b""] * len(on_parent)
-    deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in workers):
-        assert time.monotonic() < deadline, f"workers still running:\n{aegis.output()}"
-        await asyncio.sleep(0.1)
-    assert list(scratch.iterdir()) == []
-    out = aegis.output()
-    assert "503 hang: aegis is stopping" in out
-    assert "1 of them cut at the end of the grace period" in out
-    await assert_invariants(aegis, None)
-
-
-async def test_a_tmp_metrics_directory_left_by_a_killed_aegis_goes_at_the_next_start(
-    children: Children, upstreams: Upstreams, sockdir: Path, tmp_path: Path
-) -> None:
-    await upstreams.metrics(sockdir / "svc.sock", PAGE)
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    # What every process killed at once leaves: the directory of a pid that no longer runs.
-    done = await asyncio.create_subprocess_exec("true")
-    await done.wait()
-    gone = done.pid
-    stale = scratch / f"aegis-metrics-{gone}-x1"
-    stale.mkdir()
-    (stale / "counter_1.db").write_bytes(b"\0" * 16)
-    unrelated = scratch / "aegis-metrics-notapid-x2"
-    unrelated.mkdir()
-    # Its supervisor killed, but a worker (here, the test) still holds it: not removed.
-    held = scratch / f"aegis-metrics-{gone}-x3"
-    held.mkdir()
-    holder = os.open(held / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(holder, fcntl.LOCK_SH)
-    port_aegis = children.start(
-        "-hostport",
-        "127.0.0.1:0",
-        "-sockdir",
-        str(sockdir),
-        "--workers",
-        "2",
-        prefix=["env", f"TMPDIR={scratch}"],
-    )
-    await port_aegis.wait_for_output("2 workers: ")
-    os.close(holder)
-    assert not stale.exists()
-    assert unrelated.exists()
-    assert held.exists()
-    assert await port_aegis.stop() == 0
-    assert sorted(p.name for p in scratch.iterdir()) == sorted([unrelated.name, held.name])
 
 
 def limits_of(pid: int) -> tuple[int, int]:
@@ -369,13 +191,11 @@ async def test_the_open_files_limit_is_raised_to_the_hard_limit_and_reported(
     soft = min(512, hard)
     port = free_port()
     aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
         prefix=["sh", "-c", f'ulimit -Sn {soft} && exec "$0" "$@"'],
     )
     await aegis.ready("127.0.0.1", port)
-    await aegis.wait_for_output("2 workers: ")
-    for pid in [aegis.pid, *worker_pids(aegis.pid)]:
-        assert limits_of(pid) == (hard, hard)
+    assert limits_of(aegis.pid) == (hard, hard)
     status, page = await fresh_get(f"http://127.0.0.1:{port}/-/metrics")
     assert status == 200
     reported = re.search(rb"^process_max_fds ([0-9.e+]+)$", page, re.MULTILINE)
@@ -389,7 +209,7 @@ async def test_a_stop_right_after_the_start_line_is_a_clean_stop(
     sockdir: Path, tmp_path: Path, children: Children, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """From the start line on, a stop signal waits for the server to take it: one that came
-    while the listener and the metrics directory were being made left them behind (and 143)."""
+    while the listener was being made left its file behind (and 143)."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
@@ -397,7 +217,6 @@ async def test_a_stop_right_after_the_start_line_is_a_clean_stop(
     for attempt in range(8):
         aegis = children.start(
             *("--web.listen-address", f"unix:{listener}", "-sockdir", str(sockdir)),
-            *("--workers", "2"),
         )
         deadline = time.monotonic() + 30
         while " -> " not in aegis.output():

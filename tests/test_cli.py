@@ -1,16 +1,13 @@
-"""The installed ``aegis`` command, run as a user runs it: flags, help, errors, workers."""
+"""The installed ``aegis`` command, run as a user runs it: flags, help, errors, one process."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import platform
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,9 +22,7 @@ from aegisrun import (
     fresh_get,
     has_ipv6_loopback,
     needs_aegis,
-    worker_pids,
 )
-from aiohttp import web
 from prometheus_client import ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -82,7 +77,7 @@ async def test_every_flag_spelling_listens_and_serves_the_sockdir(
     port = free_port()
     hostport = f"127.0.0.1:{port}"
     args = [part.format(hp=hostport, sd=sockdir) for part in spelling]
-    aegis = children.start(*args, "--workers", "1")
+    aegis = children.start(*args)
     await aegis.ready("127.0.0.1", port)
 
     assert await fresh_get(f"http://{hostport}/svc") == (200, b"spelling_value 7\n")
@@ -95,7 +90,7 @@ async def test_every_flag_spelling_listens_and_serves_the_sockdir(
 async def test_ipv6_hostport_in_brackets(children, upstreams, sockdir):
     await upstreams.metrics(sockdir / "svc.sock", "six_value 6\n")
     port = free_port("::1")
-    aegis = children.start("-hostport", f"[::1]:{port}", "-sockdir", str(sockdir), "--workers", "1")
+    aegis = children.start("-hostport", f"[::1]:{port}", "-sockdir", str(sockdir))
     await aegis.ready("::1", port)
 
     assert await fresh_get(f"http://[::1]:{port}/svc") == (200, b"six_value 6\n")
@@ -131,8 +126,8 @@ def test_python_dash_m_aegis_is_the_same_command():
         (["-hostport", "nonsense"], "-hostport", "nonsense"),
         (["--hostport=::1:80"], "-hostport", "::1:80"),
         (["-hostport", "127.0.0.1:99999"], "-hostport", "99999"),
-        (["--workers", "0"], "--workers", "'0'"),
-        (["--workers", "two"], "--workers", "two"),
+        # The worker model is gone: its flag is unknown like any other.
+        (["--workers", "2"], "--workers", "2"),
         (["--target", "bad"], "--target", "bad"),
         (["--target", "../x=/run/x.sock"], "--target", "../x"),
         (["--scrape.timeout", "soon"], "--scrape.timeout", "soon"),
@@ -158,9 +153,8 @@ def test_a_bad_flag_value_exits_2_naming_the_flag(args, flag, value):
     assert done.stdout == ""
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_port_in_use_exits_1_naming_the_address(workers, taken_port):
-    done = run("-hostport", f"127.0.0.1:{taken_port}", "--workers", workers)
+def test_a_port_in_use_exits_1_naming_the_address(taken_port):
+    done = run("-hostport", f"127.0.0.1:{taken_port}")
     assert done.returncode == 1, done.stderr
     assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in done.stderr
     assert "Traceback" not in done.stderr
@@ -172,12 +166,12 @@ def test_logs_are_logfmt_and_the_start_line_names_the_directory_absolute(tmp_pat
     assert len(lines) == 2, done.stderr
     start = re.fullmatch(
         r"time=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d) level=info "
-        r'source=cli\.py:\d+ msg="(.*)"',
+        r'source=main\.py:\d+ msg="(.*)"',
         lines[0],
     )
     assert start is not None, lines[0]
     assert start.group(2) == f"127.0.0.1:{taken_port} -> {tmp_path / 'run'}"
-    assert " level=error source=cli.py:" in lines[1]
+    assert " level=error source=main.py:" in lines[1]
 
 
 def test_log_format_json_is_one_object_per_line(taken_port):
@@ -197,119 +191,34 @@ def test_log_level_hides_what_is_below_it(taken_port, level, shown):
     assert " level=error " in done.stderr
 
 
-async def test_with_two_workers_the_parent_lines_are_written_once(children, sockdir):
-    aegis, _ = await children.serve(sockdir, "--workers", "2")
-    output = await aegis.wait_for_output("2 workers: ")
-    assert sum(" -> " in line for line in output.splitlines()) == 1, output
-    assert output.count("2 workers: ") == 1, output
-
-
-async def test_two_workers_share_the_port_and_both_answer(children, upstreams, sockdir):
-    # The upstream asks the kernel who is calling (SO_PEERCRED): that is the worker's pid.
-    callers: list[int] = []
-    creds = struct.Struct("3i")
-
-    async def handler(request: web.Request) -> web.Response:
-        assert request.transport is not None
-        sock = request.transport.get_extra_info("socket")
-        pid, _, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
-        callers.append(pid)
-        return web.Response(text="shared_value 2\n")
-
-    await upstreams.http(sockdir / "svc.sock", handler)
-    port = free_port()
-    aegis = children.start(
-        "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"
-    )
-    await aegis.ready("127.0.0.1", port)
-    await aegis.wait_for_output("2 workers: ")
-    # The parent is worker 0, and forked one more.
-    workers = [aegis.pid, *worker_pids(aegis.pid)]
-    assert len(workers) == 2, f"workers: {workers}\n{aegis.output()}"
-    assert f"2 workers: {workers[0]} {workers[1]}" in aegis.output()
-
-    # Both workers accept on the one listening socket, and one holding more connections than
-    # the other steps back (aegis.accept). A worker the machine leaves asleep for a moment may
-    # miss a whole burst of 40, so up to 5 bursts.
-    for _ in range(5):
-        answers = await asyncio.gather(
-            *(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(40))
-        )
-        assert answers == [(200, b"shared_value 2\n")] * 40
-        if set(callers) == set(workers):
-            break
-    assert set(callers) == set(workers)
-
-
-async def test_with_two_workers_process_metrics_are_the_whole_servers_whoever_answers(
-    children, upstreams, sockdir
-):
-    aegis, port = await children.serve(sockdir, "--workers", "2")
-    await aegis.wait_for_output("2 workers: ")
-    server = [aegis.pid, *worker_pids(aegis.pid)]
+async def test_aegis_is_one_process_whose_metrics_are_its_own(children, upstreams, sockdir):
+    await upstreams.metrics(sockdir / "svc.sock", "own_value 1\n")
+    aegis, port = await children.serve(sockdir)
+    assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"own_value 1\n")
+    assert Path(f"/proc/{aegis.pid}/task/{aegis.pid}/children").read_text().split() == []  # noqa: ASYNC240
     own = ProcessCollector(pid=lambda: aegis.pid, registry=None).collect()
     started = {m.name: m for m in own}["process_start_time_seconds"].samples[0].value
-    answered_by = set()
-    # Connections held open side by side: a worker holding more steps back, so both answer
-    # (once the forked worker is accepting: it may still be starting, on a busy machine).
-    for _ in range(20):
-        if answered_by == set(server):
-            break
-        answered_by |= await metrics_side_by_side(port, server, started)
-    assert answered_by == set(server), answered_by
+    status, body = await fresh_get(f"http://127.0.0.1:{port}/-/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["process_start_time_seconds"].samples[0].value == started
+    fds = len(os.listdir(f"/proc/{aegis.pid}/fd"))
+    assert abs(families["process_open_fds"].samples[0].value - fds) <= 4, (fds, body)
+    (info,) = families["aegis_build_info"].samples
+    assert info.labels["version"] == __version__
+    # Go's exporters have no *_created series in the text format, and neither has Aegis.
+    assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
 
 
-async def metrics_side_by_side(port: int, server: list[int], started: float) -> set[int]:
-    """``/-/metrics`` twice on each of 6 connections, checked; which workers answered."""
-    answered_by = set()
-    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
-    try:
-        for reader, writer in connections * 2:
-            writer.write(b"GET /-/metrics HTTP/1.1\r\nHost: aegis\r\n\r\n")
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)[1])
-            page = (await reader.readexactly(length)).decode()
-            families = {f.name: f for f in text_string_to_metric_families(page)}
-            # The first process's is worker 0's (the parent), never the parent's own parent.
-            assert families["process_start_time_seconds"].samples[0].value == started
-            fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in server)
-            assert abs(families["process_open_fds"].samples[0].value - fds) <= 4, (fds, page)
-            answered_by.add(holder(port, writer.get_extra_info("sockname")[1], server))
-    finally:
-        for _, writer in connections:
-            writer.close()
-    return answered_by
-
-
-def holder(port: int, client_port: int, pids: list[int]) -> int:
-    """Which of ``pids`` holds the server side of the loopback connection from ``client_port``
-    to ``port`` (its inode in /proc/net/tcp, then in each process's descriptors)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = (int(end.rpartition(":")[2], 16) for end in fields[1:3])
-        if (local, remote) == (port, client_port):
-            inode = f"socket:[{fields[9]}]"
-            break
-    else:
-        raise AssertionError(f"no connection from {client_port} to {port}")
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd) == inode:
-                    return pid
-    raise AssertionError(f"no process of {pids} holds {inode}")
-
-
-@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_started_with_the_standard_streams_closed_it_serves_and_stops_cleanly(
-    workers, children, upstreams, sockdir
+    children, upstreams, sockdir
 ):
     # Their numbers would go to the listening socket and the event loop; libuv then aborted
     # the process at the stop (exit 134).
     await upstreams.metrics(sockdir / "svc.sock", "closed_value 1\n")
     port = free_port()
     aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", workers),
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
         prefix=["sh", "-c", 'exec "$0" "$@" <&- >&- 2>&-'],
     )
     await aegis.ready("127.0.0.1", port)

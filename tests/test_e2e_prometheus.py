@@ -107,7 +107,7 @@ async def test_prometheus_scrapes_two_sockets_through_aegis(
     await upstreams.http(sockdir / "alpha.sock", alpha)
     await upstreams.http(sockdir / "beta.sock", beta)
 
-    _, aegis_port = await children.serve(sockdir, "--workers", "1")
+    _, aegis_port = await children.serve(sockdir)
 
     server = prometheus(prometheus_config(aegis_port, ["alpha", "beta"]))
 

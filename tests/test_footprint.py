@@ -16,13 +16,13 @@ BENCH = ROOT / "bench" / "run.py"
 
 def test_optional_libraries_are_not_imported_by_the_command() -> None:
     # PyYAML and bcrypt serve --config.file and basic auth only, importlib.metadata --version,
-    # ctypes forked workers and trimming: every process would carry them (ctypes and
-    # importlib.metadata ~0.9 MB with --workers 1). Only what Aegis itself brings in counts: a
+    # ctypes the memory trimming after large heads: the process would carry them always (ctypes
+    # and importlib.metadata ~0.9 MB). Only what Aegis itself brings in counts: a
     # dependency's own imports are its business.
     code = (
         "import sys, aiohttp.web, prometheus_client, httptools, uvloop\n"
         "before = set(sys.modules)\n"
-        "import aegis.cli, aegis.server\n"
+        "import aegis.cli, aegis.cli.serve\n"
         "optional = {'yaml', 'bcrypt', 'ctypes', 'importlib.metadata'}\n"
         "print(sorted(optional & (set(sys.modules) - before)))"
     )

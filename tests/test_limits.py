@@ -140,7 +140,7 @@ async def settled_fds(pid: int) -> int:
 
 
 async def start_aegis(children: Children, sockdir: Path, *flags: str) -> tuple[Aegis, int]:
-    return await children.serve(sockdir, "--workers", "1", *flags)
+    return await children.serve(sockdir, *flags)
 
 
 async def exchange(port: int, request: bytes = GET) -> bytes:

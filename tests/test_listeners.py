@@ -84,8 +84,6 @@ async def test_systemd_socket_activation_serves_the_passed_socket(
             "--web.systemd-socket",
             "-sockdir",
             str(sockdir),
-            "--workers",
-            "2",
             prefix=["bash", "-c", wrapper],
             pass_fds=[fd],
         )
@@ -105,17 +103,16 @@ async def test_systemd_socket_without_systemd_stops_aegis_at_start(
     assert "--web.systemd-socket: LISTEN_PID does not name this process" in child.output()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_second_aegis_on_a_live_unix_listener_exits_1_and_leaves_it_alone(
-    workers: int, tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
+    tmp_path: Path, sockdir: Path, upstreams: Upstreams, children: Children
 ) -> None:
     await upstreams.metrics(sockdir / "node.sock", PAGE)
     unix = tmp_path / "aegis.sock"
     flags = ["--web.listen-address", f"unix:{unix}", "-sockdir", str(sockdir)]
-    first = children.start(*flags, "--workers", str(workers))
+    first = children.start(*flags)
     await first.ready(None, unix)
     inode = unix.stat().st_ino
-    second = children.start(*flags, "--workers", str(workers))
+    second = children.start(*flags)
     assert await second.wait() == 1, second.output()
     assert f"cannot listen on unix:{unix}: Address already in use" in second.output()
     # The first one's socket file is untouched, and it still serves on it.
@@ -253,7 +250,7 @@ async def test_a_tls_listener_answers_plain_http_with_400_and_still_serves_tls(
 ) -> None:
     await upstreams.metrics(sockdir / "node.sock", PAGE)
     ca, ctx, child, port = await tls_aegis(
-        tmp_path, sockdir, children, "--workers", "2", "--web.read-header-timeout=1s"
+        tmp_path, sockdir, children, "--web.read-header-timeout=1s"
     )
 
     async with (
@@ -287,8 +284,6 @@ async def test_the_tls_handshake_takes_from_the_head_deadline_not_adds_to_it(
         tmp_path,
         sockdir,
         children,
-        "--workers",
-        "1",
         "--web.read-header-timeout=3s",
         "--web.idle-timeout=60s",
     )

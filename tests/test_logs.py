@@ -16,14 +16,8 @@ from aegisrun import Children, needs_aegis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aegis.logs import (
-    JSONFormatter,
-    LogfmtFormatter,
-    RateLimited,
-    Throttled,
-    configure,
-    logfmt_value,
-)
+from aegis.cli.logformat import JSONFormatter, LogfmtFormatter, configure, logfmt_value
+from aegis.logs import RateLimited, Throttled
 from conftest import raw_http
 
 _GO_UNESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -160,7 +154,7 @@ def test_an_exception_is_one_err_field_holding_the_traceback() -> None:
     try:
         raise ValueError('bad "thing"')
     except ValueError:
-        made = record("worker %d failed", 1, at=logging.ERROR)
+        made = record("target %d failed", 1, at=logging.ERROR)
         made.exc_info = sys.exc_info()
     line = LogfmtFormatter().format(made)
     assert "\n" not in line

@@ -1,12 +1,11 @@
-"""Self-metrics at /-/metrics: counts by target and code, error kinds, in-flight, targets, and the
-sum over several worker processes."""
+"""Self-metrics at /-/metrics: counts by target and code, error kinds, in-flight, targets; the
+library registers only its own ``aegis_*`` families, on whatever registry it is given."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
 import http.client
-import os
 import shutil
 import signal
 import socket
@@ -15,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import prometheus_client
 import pytest
 from aegisrun import free_port
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from aegis.proxy import METRICS_KEY, Config, make_app
 from conftest import AegisFactory, Upstreams
 
 
@@ -102,10 +104,8 @@ async def test_requests_are_counted_by_target_and_code(
     assert value(text, "aegis_upstream_duration_seconds_count", target="slow") == 1
     assert value(text, "aegis_upstream_duration_seconds_sum", target="slow") >= 0.1
     assert value(text, "aegis_targets") == 3  # good, slow, dead (sockets, listening or not)
-    build = [s for s in samples(text) if s[0] == "aegis_build_info"]
-    assert len(build) == 1
-    assert dict(build[0][1])["python"] == ".".join(map(str, sys.version_info[:3]))
-    assert value(text, "process_resident_memory_bytes") > 0
+    # The library's registry holds the library's metrics only (the program adds process_*).
+    assert {name for name, _ in samples(text) if not name.startswith("aegis_")} == set()
 
 
 async def test_mid_response_failures_are_counted_by_kind(
@@ -178,11 +178,53 @@ async def test_metrics_go_to_the_given_registry_and_not_the_global_one(
     assert value(await scrape(other), "aegis_requests_total", target="", code="404") == 0
 
 
-# -- several worker processes -------------------------------------------------------------------
+def family_names(registry: CollectorRegistry) -> set[str]:
+    return {family.name for family in registry.collect()}
+
+
+def test_the_library_mounts_on_the_global_registry_with_its_own_families_only(
+    sockdir: Path,
+) -> None:
+    """What a host program does first: its own registry, prometheus_client's global one,
+    already holds process_* and python_* (and its own metrics); Aegis adds aegis_* only."""
+    before = family_names(prometheus_client.REGISTRY)
+    assert "process_cpu_seconds" in before  # the platform's default collectors are there
+    app = make_app(Config(sockdir=sockdir), registry=prometheus_client.REGISTRY)
+    try:
+        added = family_names(prometheus_client.REGISTRY) - before
+        assert added
+        assert all(name.startswith("aegis_") for name in added), added
+        assert "aegis_build_info" not in added  # the program's, like process_*
+    finally:
+        for collector in app[METRICS_KEY].collectors:
+            prometheus_client.REGISTRY.unregister(collector)
+    assert family_names(prometheus_client.REGISTRY) == before
+
+
+async def test_two_applications_in_one_program_count_apart(
+    sockdir: Path, upstreams: Upstreams
+) -> None:
+    await upstreams.metrics(sockdir / "a.sock", "a_value 1\n")
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    outer = web.Application()
+    outer.add_subapp("/one/", make_app(Config(sockdir=sockdir), registry=registries[0]))
+    outer.add_subapp("/two/", make_app(Config(sockdir=sockdir), registry=registries[1]))
+    async with TestClient(TestServer(outer)) as client:
+        for _ in range(3):
+            assert (await client.get("/one/a")).status == 200
+        assert (await client.get("/two/a")).status == 200
+        assert (await client.get("/two/missing")).status == 404
+        page = await (await client.get("/two/-/metrics")).text()
+    assert value(page, "aegis_requests_total", target="a", code="200") == 1
+    assert value(page, "aegis_requests_total", target="", code="404") == 1
+    one = registries[0].get_sample_value("aegis_requests_total", {"target": "a", "code": "200"})
+    assert one == 3
+    for registry in registries:
+        assert not {name for name in family_names(registry) if not name.startswith("aegis_")}
 
 
 def _get(port: int, path: str, **headers: str) -> tuple[int, bytes]:
-    """One request on a fresh connection, so the kernel may hand it to either worker."""
+    """One request on a fresh connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("GET", path, headers={"Connection": "close", **headers})
@@ -215,7 +257,7 @@ def _wait_until(check: object, what: str, timeout: float = 15.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
+def test_the_command_counts_every_request_once(tmp_path: Path) -> None:
     aegis = shutil.which("aegis")
     if aegis is None:
         pytest.skip("the aegis command is not installed (pip install -e pkgs/aegis)")
@@ -223,13 +265,7 @@ def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
     sockdir.mkdir()
     upstream = _serve_upstream(sockdir / "app.sock")
     port = free_port()
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
-    proc = subprocess.Popen(
-        [aegis, "-sockdir", str(sockdir), "-hostport", f"127.0.0.1:{port}", "--workers", "2"],
-        env=env,
-    )
+    proc = subprocess.Popen([aegis, "-sockdir", str(sockdir), "-hostport", f"127.0.0.1:{port}"])
     try:
         _wait_until(lambda: (sockdir / "app.sock").exists(), "the upstream socket")
         _wait_until(lambda: _get(port, "/app")[0] == 200, "aegis to answer")
@@ -239,14 +275,7 @@ def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
             answered += 1
         for _ in range(50):
             assert _get(port, "/missing")[0] == 404
-        # Both workers answered something, or the test would prove nothing.
-        # The parent is worker 0, and forked the other.
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        pids = [str(proc.pid), *children]
-        assert len(pids) == 2
-        db_pids = {p.stem.rsplit("_", 1)[1] for p in (runtime / "metrics").glob("counter_*.db")}
-        assert db_pids == set(pids)
-        for _ in range(10):  # every scrape, on either worker, sees the whole server
+        for _ in range(3):  # scrapes of Aegis itself are not counted
             status, body = _get(port, "/-/metrics")
             assert status == 200
             text = body.decode()
@@ -270,7 +299,6 @@ def test_two_workers_counts_add_up_in_one_scrape(tmp_path: Path) -> None:
         upstream.terminate()
         upstream.wait(timeout=10)
     assert code == 0
-    assert not (runtime / "metrics").exists()  # removed at exit
 
 
 async def test_openmetrics_when_the_scraper_asks_for_it(
@@ -369,21 +397,5 @@ async def test_gzip_when_the_scraper_accepts_it(aegis: AegisFactory) -> None:
     assert raw.headers["Content-Encoding"] == "gzip"
     text = gzip.decompress(await raw.read()).decode()
     assert value(text, "aegis_targets") == 0
-    assert "aegis_build_info" in text
     plain = await client.get("/-/metrics", headers={"Accept-Encoding": "identity"})
     assert "Content-Encoding" not in plain.headers
-
-
-def test_children_are_found_by_their_parent_pid_where_the_kernel_has_no_children_file() -> None:
-    # The fallback for kernels without CONFIG_PROC_CHILDREN (process_* of the whole server).
-    from aegis.metrics import _children_from_stat
-
-    kids = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
-    try:
-        found = set(_children_from_stat(os.getpid()))
-        assert {kid.pid for kid in kids} <= found
-        assert os.getpid() not in found
-    finally:
-        for kid in kids:
-            kid.kill()
-            kid.wait()

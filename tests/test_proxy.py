@@ -418,8 +418,6 @@ async def test_permission_denied_is_502_and_the_log_names_file_and_group(
     os.chmod(sockdir / "svc.sock", 0)
     port = free_port()
     aegis = children.start(
-        "--workers",
-        "1",
         "-hostport",
         f"127.0.0.1:{port}",
         "-sockdir",

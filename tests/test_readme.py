@@ -34,7 +34,7 @@ from readmeblocks import (
     rules,
 )
 
-from aegis.cli import build_parser
+from aegis.cli.flags import build_parser
 from aegis.configfile import load_targets
 from aegis.webconfig import load_web_config
 from conftest import Upstreams

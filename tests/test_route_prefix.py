@@ -116,9 +116,7 @@ async def test_the_command_serves_under_the_route_prefix(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        child = children.start(
-            "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1", *flags
-        )
+        child = children.start("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), *flags)
         await child.ready("127.0.0.1", port)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{base}{served}/node") as response:
@@ -161,7 +159,7 @@ async def test_prometheus_finds_and_scrapes_everything_under_the_prefix(
     await upstreams.metrics(sockdir / "node.sock", "node_up 1\n")
     port = free_port()
     child = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1"),
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
         *("--web.external-url", f"http://127.0.0.1:{port}/aegis"),
     )
     await child.ready("127.0.0.1", port)

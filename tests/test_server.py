@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import select
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import trustme
-from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis, worker_pids
+from aegisrun import Children, free_port, fresh_get, needs_aegis
 
-from aegis.listeners import Listener
+from aegis.cli.listeners import Listener
 from conftest import Upstreams
 
 
@@ -106,24 +103,12 @@ async def wait_refused(port: int, within: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def start_aegis(children: Children, sockdir: Path, workers: int) -> tuple[Aegis, int]:
-    aegis, port = await children.serve(
-        sockdir, "--workers", str(workers), "--shutdown.grace-period", "30s"
-    )
-    if workers > 1:
-        await aegis.wait_for_output(f"{workers} workers: ")
-    return aegis, port
-
-
 @needs_aegis
-@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_a_stop_signal_lets_the_scrape_in_flight_finish(
-    workers, signum, children, upstreams, sockdir
-):
+async def test_a_stop_signal_lets_the_scrape_in_flight_finish(signum, children, upstreams, sockdir):
     upstream = SlowUpstream()
     await upstreams.raw(sockdir / "slow.sock", upstream)
-    aegis, port = await start_aegis(children, sockdir, workers)
+    aegis, port = await children.serve(sockdir, "--shutdown.grace-period", "30s")
 
     in_flight = asyncio.create_task(fresh_get(f"http://127.0.0.1:{port}/slow"))
     await asyncio.wait_for(upstream.asked.wait(), 20)
@@ -164,18 +149,13 @@ async def get_with(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
 
 
 @needs_aegis
-@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_scrape_still_waiting_when_the_grace_period_ends_is_answered_503(
-    workers, signum, children, upstreams, sockdir
+    signum, children, upstreams, sockdir
 ):
     upstream = SilentUpstream()
     await upstreams.raw(sockdir / "hang.sock", upstream)
-    aegis, port = await children.serve(
-        sockdir, "--workers", str(workers), "--shutdown.grace-period", f"{GRACE:.0f}s"
-    )
-    if workers > 1:
-        await aegis.wait_for_output(f"{workers} workers: ")
+    aegis, port = await children.serve(sockdir, "--shutdown.grace-period", f"{GRACE:.0f}s")
     in_flight = asyncio.create_task(get_with(f"http://127.0.0.1:{port}/hang", LONG_SCRAPE))
     await asyncio.wait_for(upstream.asked.wait(), 20)
     signalled = time.monotonic()
@@ -190,7 +170,7 @@ async def test_a_scrape_still_waiting_when_the_grace_period_ends_is_answered_503
     assert answered > GRACE - 0.5, aegis.output()
     assert stopped < GRACE + 3, aegis.output()
     out = aegis.output()
-    assert "1 requests in flight, 1 of them cut at the end of the grace period" in out
+    assert "1 scrapes waiting for their service, 1 of them cut at the end of the grace" in out
     assert "503 hang: aegis is stopping: the grace period ended" in out
     assert "killing them" not in out
     assert "Traceback" not in out
@@ -202,8 +182,7 @@ async def test_a_page_still_arriving_when_the_grace_period_ends_is_cut_off(
 ):
     upstream = SlowUpstream()
     await upstreams.raw(sockdir / "slow.sock", upstream)
-    aegis, port = await children.serve(sockdir, "--workers", "2", "--shutdown.grace-period", "2s")
-    await aegis.wait_for_output("2 workers: ")
+    aegis, port = await children.serve(sockdir, "--shutdown.grace-period", "2s")
     in_flight = asyncio.create_task(get_with(f"http://127.0.0.1:{port}/slow", LONG_SCRAPE))
     await asyncio.wait_for(upstream.asked.wait(), 20)
     aegis.popen.send_signal(signal.SIGTERM)
@@ -217,240 +196,24 @@ async def test_a_page_still_arriving_when_the_grace_period_ends_is_cut_off(
     assert "Traceback" not in out
 
 
-async def kept_alive_clients(port: int, count: int) -> list[asyncio.StreamWriter]:
-    """``count`` connections, each answered one scrape of svc and kept open."""
-    clients = []
-    for _ in range(count):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /svc HTTP/1.1\r\nHost: aegis\r\n\r\n")
-        await reader.readuntil(b"alive_value 1\n")
-        clients.append(writer)
-    return clients
-
-
-def oom_score_adj(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
-
-
-def socket_inodes(pid: int) -> set[str]:
-    """The sockets a process holds a descriptor of ("socket:[inode]")."""
-    found = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            if (target := os.readlink(fd)).startswith("socket:"):
-                found.add(target)
-    return found
-
-
 @needs_aegis
-async def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(
-    children, upstreams, sockdir
-):
-    await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
-    aegis, port = await start_aegis(children, sockdir, workers=2)
-    before = worker_pids(aegis.pid)
-    assert len(before) == 1, aegis.output()  # the parent is worker 0
-    # Connections the parent holds when it forks the replacement: clients' and, in its pool,
-    # the upstream's. The replacement must not keep them open.
-    clients = await kept_alive_clients(port, 8)
-    try:
-        os.kill(before[0], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while len(after := worker_pids(aegis.pid)) != 1 or before[0] in after:
-            assert time.monotonic() < deadline, f"no replacement worker; output:\n{aegis.output()}"
-            await asyncio.sleep(0.1)
-        assert f"(pid {before[0]}) was killed by SIGKILL; starting a new one" in aegis.output()
-        await aegis.wait_for_output(f"worker 1: pid {after[0]}")
-        # Out of memory, the kernel picks a forked worker rather than worker 0.
-        assert oom_score_adj(after[0]) == oom_score_adj(aegis.pid) + 100
-        # The only sockets the two share are the listening ones (here one).
-        held = socket_inodes(aegis.pid)
-        assert len(held) > 3, held  # the listener, the clients' and the upstream's connections
-        assert len(held & socket_inodes(after[0])) == 1
-    finally:
-        for writer in clients:
-            writer.close()
-
-    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(20)))
-    assert answers == [(200, b"alive_value 1\n")] * 20
+async def test_sighup_is_logged_and_ignored(children, upstreams, sockdir):
+    await upstreams.metrics(sockdir / "svc.sock", "hup_value 1\n")
+    aegis, port = await children.serve(sockdir)
+    aegis.popen.send_signal(signal.SIGHUP)
+    await aegis.wait_for_output("SIGHUP ignored")
+    assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"hup_value 1\n")
     aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
-    assert "Traceback" not in aegis.output()
-
-
-PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")  # cgroup v1's pids controller, as on this machine
-
-
-@pytest.fixture
-def pids_cgroup(tmp_path):
-    """A pids cgroup of its own, its limit set by the test (``pids.max``)."""
-    group = PIDS_CGROUPS / f"aegis-test-{os.getpid()}-{tmp_path.name}"
-    try:
-        group.mkdir()
-    except OSError as exc:
-        pytest.skip(f"cannot make a pids cgroup under {PIDS_CGROUPS}: {exc.strerror}")
-    yield group
-    # Still running only if the test failed before its stop.
-    deadline = time.monotonic() + 10
-    while pids := (group / "cgroup.procs").read_text().split():
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        assert time.monotonic() < deadline, pids
-        time.sleep(0.1)
-    group.rmdir()
-
-
-@needs_aegis
-async def test_a_worker_that_cannot_be_forked_is_logged_and_tried_again(
-    children, upstreams, sockdir, pids_cgroup
-):
-    await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
-    limit = pids_cgroup / "pids.max"
-    limit.write_text("1")  # the parent alone
-    join = f'echo $$ > {pids_cgroup}/cgroup.procs && exec "$0" "$@"'
-    port = free_port()
-    aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
-        prefix=["sh", "-c", join],
-    )
-    await aegis.ready("127.0.0.1", port)
-    await aegis.wait_for_output("cannot fork worker 1: Resource temporarily unavailable; trying")
-    # The parent serves alone meanwhile, and keeps trying.
-    assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"alive_value 1\n")
-    assert worker_pids(aegis.pid) == []
-    limit.write_text("2")
-    (worker,) = await wait_for_workers_of(aegis.pid, 1)
-    await aegis.wait_for_output(f"worker 1: pid {worker}")
-
-    # A replacement that cannot be forked is tried again too.
-    limit.write_text("1")
-    os.kill(worker, signal.SIGKILL)
-    await aegis.wait_for_output(f"(pid {worker}) was killed by SIGKILL; starting a new one")
-    deadline = time.monotonic() + 30
-    while aegis.output().count("cannot fork worker 1") < 2:
-        assert time.monotonic() < deadline, aegis.output()
-        await asyncio.sleep(0.1)
-    limit.write_text("2")
-    (replacement,) = await wait_for_workers_of(aegis.pid, 1)
-    await aegis.wait_for_output(f"worker 1: pid {replacement}")
-    answers = await asyncio.gather(*(fresh_get(f"http://127.0.0.1:{port}/svc") for _ in range(10)))
-    assert answers == [(200, b"alive_value 1\n")] * 10
-    aegis.popen.send_signal(signal.SIGTERM)
-    assert await aegis.wait(within=30) == 0, aegis.output()
-    assert "Traceback" not in aegis.output()
-
-
-@pytest.fixture
-def mount_namespaces() -> None:
-    if subprocess.run(["unshare", "--mount", "true"], check=False).returncode != 0:
-        pytest.skip("cannot make a mount namespace (unshare --mount)")
-
-
-@needs_aegis
-@pytest.mark.usefixtures("mount_namespaces")
-async def test_a_replacement_closes_the_parents_sockets_without_proc_too(
-    children, upstreams, sockdir
-):
-    # Aegis in a mount namespace of its own, /proc hidden under an empty tmpfs; the test still
-    # sees its processes through its own /proc.
-    await upstreams.metrics(sockdir / "svc.sock", "alive_value 1\n")
-    port = free_port()
-    hide = 'mount -t tmpfs none /proc && exec "$0" "$@"'
-    aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
-        prefix=["unshare", "--mount", "sh", "-c", hide],
-    )
-    await aegis.ready("127.0.0.1", port)
-    await aegis.wait_for_output("2 workers: ")
-    server = aegis.pid  # unshare and sh exec, they do not fork
-    (worker,) = await wait_for_workers_of(server, 1)
-    clients = await kept_alive_clients(port, 6)
-    try:
-        os.kill(worker, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while (now := worker_pids(server)) in ([], [worker]):
-            assert time.monotonic() < deadline, aegis.output()
-            await asyncio.sleep(0.1)
-        await aegis.wait_for_output(f"worker 1: pid {now[0]}")
-        assert len(socket_inodes(server) & socket_inodes(now[0])) == 1
-    finally:
-        for writer in clients:
-            writer.close()
-    assert await fresh_get(f"http://127.0.0.1:{port}/svc") == (200, b"alive_value 1\n")
-    assert "Traceback" not in aegis.output()
-
-
-async def wait_for_workers_of(pid: int, count: int) -> list[int]:
-    deadline = time.monotonic() + 30
-    while len(found := worker_pids(pid)) != count:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
-    return found
-
-
-@needs_aegis
-async def test_a_worker_is_reported_killed_even_when_the_launcher_ignores_sigchld(
-    children, sockdir
-):
-    ignore = (
-        "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
-        "os.execvp(sys.argv[1], sys.argv[1:])"
-    )
-    port = free_port()
-    aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
-        prefix=[sys.executable, "-c", ignore],
-    )
-    await aegis.ready("127.0.0.1", port)
-    (worker,) = await wait_for_workers_of(aegis.pid, 1)
-    os.kill(worker, signal.SIGKILL)
-    await aegis.wait_for_output(f"(pid {worker}) was killed by SIGKILL; starting a new one")
-    aegis.popen.send_signal(signal.SIGTERM)
-    assert await aegis.wait(within=30) == 0, aegis.output()
-
-
-@needs_aegis
-@pytest.mark.parametrize("attempt", range(5))
-async def test_a_stop_signal_to_the_whole_process_group_replaces_no_worker(
-    attempt, children, sockdir
-):
-    # As systemd's KillMode=control-group and a terminal's Ctrl-C do: every process at once.
-    port = free_port()
-    aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
-        prefix=["setsid"],
-    )
-    await aegis.ready("127.0.0.1", port)
-    await wait_for_workers_of(aegis.pid, 1)
-    os.killpg(aegis.pid, signal.SIGTERM)
-    assert await aegis.wait(within=30) == 0, aegis.output()
-    out = aegis.output()
-    assert "starting a new one" not in out, out
-    assert "all workers stopped; exiting with 0" in out
-
-
-@needs_aegis
-async def test_a_stop_while_a_replacement_is_due_starts_none_and_exits_0(children, sockdir):
-    aegis, _ = await start_aegis(children, sockdir, workers=2)
-    (worker,) = worker_pids(aegis.pid)
-    os.kill(worker, signal.SIGKILL)
-    await aegis.wait_for_output(f"(pid {worker}) was killed by SIGKILL; starting a new one")
-    aegis.popen.send_signal(signal.SIGTERM)  # within the second before the replacement
-    assert await aegis.wait(within=30) == 0, aegis.output()
-    out = aegis.output()
-    assert "worker 1: pid" not in out
-    assert "all workers stopped; exiting with 0" in out
 
 
 @needs_aegis
 @pytest.mark.parametrize("attempt", range(3))
 async def test_a_stop_right_after_start_is_a_clean_exit(attempt, children, sockdir):
-    # Workers that have not yet installed their handlers must not die of the signal.
-    aegis = children.start(
-        "-hostport", f"127.0.0.1:{free_port()}", "-sockdir", str(sockdir), "--workers", "2"
-    )
-    await aegis.wait_for_output("2 workers: ")
+    # Signals are held from the start line on: one that comes before the loop takes them must
+    # not kill Aegis half-started.
+    aegis = children.start("-hostport", f"127.0.0.1:{free_port()}", "-sockdir", str(sockdir))
+    await aegis.wait_for_output(" -> ")
     aegis.popen.send_signal(signal.SIGTERM)
     assert await aegis.wait(within=30) == 0, aegis.output()
 
@@ -484,7 +247,7 @@ async def send_in_pieces(port: int, data: bytes, piece: int) -> bytes:
 @pytest.mark.parametrize("piece", [1 << 20, 100, 7])
 async def test_a_head_at_the_bound_passes_and_one_byte_more_is_431(piece, children, sockdir):
     _, port = await children.serve(
-        sockdir, "--workers", "1", f"--web.max-header-bytes={LIMIT}", "--web.idle-timeout=1s"
+        sockdir, f"--web.max-header-bytes={LIMIT}", "--web.idle-timeout=1s"
     )
     fits = await send_in_pieces(port, head_of(LIMIT), piece)
     assert fits.startswith(b"HTTP/1.1 200 OK\r\n"), fits
@@ -496,7 +259,7 @@ async def test_a_head_at_the_bound_passes_and_one_byte_more_is_431(piece, childr
 @needs_aegis
 async def test_pipelined_heads_are_bounded_one_by_one_not_together(children, sockdir):
     _, port = await children.serve(
-        sockdir, "--workers", "1", f"--web.max-header-bytes={LIMIT}", "--web.idle-timeout=1s"
+        sockdir, f"--web.max-header-bytes={LIMIT}", "--web.idle-timeout=1s"
     )
     # 60 heads of 600 bytes in one write: 36 KB together, each under the bound.
     answers = await send_in_pieces(port, head_of(600) * 60, 1 << 20)
@@ -567,7 +330,7 @@ async def test_pipelined_scrapes_wait_for_the_client_to_read_the_answer_before(
 ) -> None:
     upstream = CountingUpstream()
     await upstreams.raw(sockdir / "big.sock", upstream)
-    _, port = await children.serve(sockdir, "--workers", "1", "--web.idle-timeout=5s")
+    _, port = await children.serve(sockdir, "--web.idle-timeout=5s")
     requests = 300  # 9 MB of answers, were they all queued
     sock = await not_reading(port)
     loop = asyncio.get_running_loop()
@@ -597,7 +360,7 @@ async def test_pipelined_own_pages_wait_for_the_client_to_read_too(
     for index in range(60):
         with socket.socket(socket.AF_UNIX) as dead:
             dead.bind(str(sockdir / f"exporter-with-a-long-name-{index:03d}.sock"))
-    _, port = await children.serve(sockdir, "--workers", "1", "--web.idle-timeout=5s")
+    _, port = await children.serve(sockdir, "--web.idle-timeout=5s")
     sock = await not_reading(port)
     loop = asyncio.get_running_loop()
     requests = 400
@@ -644,7 +407,7 @@ async def test_a_pipelined_head_has_its_deadline_from_the_end_of_the_answer_befo
     await upstreams.raw(sockdir / "trickle.sock", TrickleUpstream())
     await upstreams.metrics(sockdir / "ok.sock", "ok_value 1\n")
     _, port = await children.serve(
-        sockdir, "--workers", "1", "--web.read-header-timeout=1s", "--web.idle-timeout=30s"
+        sockdir, "--web.read-header-timeout=1s", "--web.idle-timeout=30s"
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -684,7 +447,7 @@ async def test_a_request_with_a_body_closes_its_connection_after_the_answer(
     dribbled after it can never outlast the deadline."""
     await upstreams.metrics(sockdir / "ok.sock", "ok_value 1\n")
     _, port = await children.serve(
-        sockdir, "--workers", "1", "--web.read-header-timeout=1s", "--web.idle-timeout=60s"
+        sockdir, "--web.read-header-timeout=1s", "--web.idle-timeout=60s"
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -750,7 +513,7 @@ async def test_the_write_deadline_spares_a_slow_reader_and_cuts_one_that_reads_n
     its whole answer, long after the deadline; one that reads nothing is cut at it."""
     await upstreams.metrics(sockdir / "big.sock", SLOW_READ_PAGE)
     listener = tmp_path / "aegis.sock"
-    flags = ["--workers", "1", "--web.write-timeout=500ms", "--scrape.timeout=60s"]
+    flags = ["--web.write-timeout=500ms", "--scrape.timeout=60s"]
     ctx = None
     if tls:
         ca = trustme.CA()

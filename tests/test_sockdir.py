@@ -104,7 +104,7 @@ async def test_the_real_command_reaches_a_long_name_not_the_decoy(
     for cut in (107, 108):  # uvloop 0.23 cuts at 108 bytes, with no terminating NUL
         await serve_page(bind_anywhere(Path(str(dir60 / f"{name}.sock")[:cut])), "decoy 1\n")
     await serve_page(bind_anywhere(dir60 / f"{name}.sock"), "mine 1\n")
-    _, port = await children.serve(dir60, "--workers", "1")
+    _, port = await children.serve(dir60)
     for _ in range(3):
         assert await fresh_get(f"http://127.0.0.1:{port}/{name}") == (200, b"mine 1\n")
 
@@ -253,7 +253,7 @@ async def test_random_names_against_a_missing_directory_add_no_series(
 @needs_aegis
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop CAP_DAC_OVERRIDE")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_change(
+async def test_an_unreadable_directory_is_logged_once_per_change(
     upstreams: Upstreams, sockdir: Path, tmp_path: Path, children: Children
 ) -> None:
     """Root ignores file modes, so Aegis runs as root without CAP_DAC_OVERRIDE: then a mode-0000
@@ -266,14 +266,13 @@ async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_chang
     os.chmod(sockdir, 0)
     port = free_port()
     aegis = children.start(
-        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "2"),
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
         *("--target", f"explicit={tmp_path / 'explicit.sock'}"),
         prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
     )
     await aegis.ready("127.0.0.1", port)
-    await aegis.wait_for_output("2 workers: ")
     url = f"http://127.0.0.1:{port}"
-    for _ in range(6):  # fresh connections: both workers answer
+    for _ in range(6):
         assert await fresh_get(f"{url}/-/sd") == (
             503,
             f"socket directory unavailable: {sockdir}: permission denied\n".encode(),
@@ -296,7 +295,7 @@ async def test_an_unreadable_directory_with_two_workers_is_logged_once_per_chang
     while aegis.output().count("socket directory unavailable") < 2:
         assert time.monotonic() < deadline, aegis.output()
         await asyncio.sleep(0.05)
-    await asyncio.sleep(2.5)  # both workers have looked again, more than once
+    await asyncio.sleep(2.5)  # the directory has been looked at again, more than once
     assert await aegis.stop() == 0
     log = aegis.output()
     assert log.count(f"socket directory unavailable: {sockdir}: permission denied") == 2, log
@@ -319,7 +318,7 @@ async def test_prometheus_keeps_its_targets_while_the_directory_is_gone(
     """The point of the 503: a real Prometheus keeps the targets it discovered (scraping them,
     and recording them down) instead of dropping them as an empty list would make it."""
     await upstreams.metrics(sockdir / "alpha.sock", "alpha_up 1\n")
-    aegis, port = await children.serve(sockdir, "--workers", "1")
+    aegis, port = await children.serve(sockdir)
     scraper = prometheus(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: sd\n    http_sd_configs:\n"
@@ -456,19 +455,18 @@ async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 
 @needs_aegis
-async def test_every_worker_gives_a_target_the_same_label(
+async def test_past_the_label_bound_each_target_keeps_one_label(
     upstreams: Upstreams, sockdir: Path, children: Children
 ) -> None:
-    """Past the bound, a target's counts stay whole whichever worker answers: all the workers
-    take their labels from one shared list, and the bound is the server's."""
+    """Past the bound, a target's counts stay whole: a target has its own label or "*", never
+    some of each, and the bound is said once."""
     names = [f"t{i:03d}" for i in range(MAX_TARGET_LABELS + 40)]
     for name in names:
         await upstreams.raw(sockdir / f"{name}.sock", _answer_ok)
-    aegis, port = await children.serve(sockdir, "--workers", "2")
-    await aegis.wait_for_output("2 workers: ")
+    aegis, port = await children.serve(sockdir)
     url = f"http://127.0.0.1:{port}"
     for _ in range(3):
-        for name in names:  # fresh connections: both workers answer, in no set order
+        for name in names:
             assert (await fresh_get(f"{url}/{name}")) == (200, b"ok 1\n")
     status, metrics = await fresh_get(f"{url}/-/metrics")
     assert status == 200

@@ -43,7 +43,7 @@ from typing import Any
 import bcrypt
 import pytest
 import trustme
-from aegisrun import free_port, worker_pids
+from aegisrun import child_pids, free_port
 from nixeval import REPO, eval_module, find_nixpkgs_lib
 
 import aegis
@@ -239,7 +239,7 @@ class Container:
 
     def init_pid(self) -> int:
         deadline = time.monotonic() + 30
-        while not (children := worker_pids(self.nspawn.pid)):
+        while not (children := child_pids(self.nspawn.pid)):
             assert self.nspawn.poll() is None, f"systemd-nspawn exited:\n{self.output()}"
             assert time.monotonic() < deadline, f"no container init:\n{self.output()}"
             time.sleep(0.1)
@@ -362,7 +362,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         {
             "hostport": f"127.0.0.1:{port}",
             "webConfigFile": f"{WEB_DIR}/web.yml",
-            "extraFlags": ["--workers", "2", "--web.listen-address", f"unix:{LISTEN_SOCKET}"],
+            "extraFlags": ["--web.listen-address", f"unix:{LISTEN_SOCKET}"],
         },
         PACKAGE,
     )
@@ -485,23 +485,13 @@ def proc_status_files(booted: Booted) -> list[str]:
     return [f"/proc/{name}/status" for name in listing.split() if name.isdigit()]
 
 
-def forked_workers(booted: Booted) -> list[str]:
-    """The children of the service's main process, from /proc: procps may not be installed."""
+def test_aegis_is_one_process_on_uvloop(booted: Booted) -> None:
     main = booted.container.show("aegis.service", "MainPID")["MainPID"]
     children = booted.container.run(
         "grep", "-lE", f"^PPid:[[:space:]]+{main}$", *proc_status_files(booted), check=False
     ).stdout.split()
-    return [path.split("/")[2] for path in children]
-
-
-def test_aegis_runs_two_workers_on_uvloop(booted: Booted) -> None:
-    # The main process is worker 0; it forked the other.
-    main = booted.container.show("aegis.service", "MainPID")["MainPID"]
-    workers = [main, *forked_workers(booted)]
-    assert len(workers) == 2, workers
-    for worker in workers:
-        maps = booted.container.out("cat", f"/proc/{worker}/maps")
-        assert "/uvloop/loop." in maps, f"worker {worker} has not loaded uvloop"
+    assert children == []
+    assert "/uvloop/loop." in booted.container.out("cat", f"/proc/{main}/maps")
 
 
 def test_the_host_scrapes_the_socket_over_tls_with_basic_auth(booted: Booted) -> None:
@@ -534,28 +524,6 @@ def test_the_exposure_is_at_most_the_readmes(booted: Booted) -> None:
     found = re.search(r"Overall exposure level for aegis\.service: (\d+\.\d)", report)
     assert found, report
     assert float(found[1]) <= readme_exposure(), report
-
-
-def test_a_killed_worker_is_replaced_inside_the_hardened_unit(booted: Booted) -> None:
-    # The replacement is forked from inside the main process's running event loop, under the
-    # unit's seccomp filter and MemoryDenyWriteExecute.
-    container = booted.container
-    main = container.show("aegis.service", "MainPID")["MainPID"]
-    (killed,) = forked_workers(booted)
-    container.out("kill", "-KILL", killed)
-    deadline = time.monotonic() + 30
-    while (now := forked_workers(booted)) in ([], [killed]):
-        assert time.monotonic() < deadline, container.journal("aegis.service")
-        time.sleep(0.2)
-    assert container.show("aegis.service", "MainPID")["MainPID"] == main
-    journal = container.journal("aegis.service")
-    assert f"(pid {killed}) was killed by SIGKILL; starting a new one" in journal
-    assert f"worker 1: pid {now[0]}" in journal
-    assert "Traceback" not in journal
-    assert "cannot raise /proc/self/oom_score_adj" not in journal
-    main_adj = int(container.out("cat", f"/proc/{main}/oom_score_adj"))
-    assert int(container.out("cat", f"/proc/{now[0]}/oom_score_adj")) == min(1000, main_adj + 100)
-    assert [booted.scrape("/local")[0] for _ in range(10)] == [200] * 10
 
 
 def test_a_killed_aegis_restarts_after_restart_sec(booted: Booted) -> None:

@@ -139,11 +139,11 @@ def test_explicit_target_rejects_bad_paths(tmp_path: Path, path: str) -> None:
     ],
 )
 async def test_hostile_names_never_leave_sockdir(
-    aegis: AegisFactory, upstreams: Upstreams, tmp_path: Path, raw_path: bytes, status: int
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, raw_path: bytes, status: int
 ) -> None:
     """The request line is sent byte for byte, so no client normalises the attack away."""
-    outside = await upstreams.metrics(tmp_path / "outside.sock", "secret 1\n")
-    hidden = await upstreams.metrics(tmp_path / "run" / ".hidden.sock", "hidden 1\n")
+    outside = await upstreams.metrics(sockdir.parent / "outside.sock", "secret 1\n")
+    hidden = await upstreams.metrics(sockdir / ".hidden.sock", "hidden 1\n")
     client = await aegis()
     assert client.port is not None
     request = b"GET " + raw_path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

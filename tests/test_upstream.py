@@ -186,9 +186,7 @@ async def test_memory_stays_flat_while_a_100_mb_page_passes(
     await upstreams.http(sockdir / "big.sock", huge)
     received = 0
     port = free_port()
-    aegis = children.start(
-        "--workers", "1", "-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)
-    )
+    aegis = children.start("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir))
     await aegis.ready("127.0.0.1", port)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         baseline = _status_kib(aegis.pid, "VmRSS")

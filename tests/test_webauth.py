@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from webserve import get, serve, write
 
-from aegis.logs import LogfmtFormatter
+from aegis.cli.logformat import LogfmtFormatter
 from aegis.proxy import Config, make_app
 from aegis.webauth import setup_web_config
 from aegis.webconfig import load_web_config

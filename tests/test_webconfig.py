@@ -276,7 +276,7 @@ async def test_failed_tls_handshakes_are_logged_once_a_minute_with_the_reason(
     port = free_port()
     try:
         child = children.start(
-            *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir), "--workers", "1"),
+            *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
             *("--web.config.file", str(write(certs, text)), "--log.level", "debug"),
         )
         await child.ready("127.0.0.1", port)

@@ -102,7 +102,7 @@ class Config:
     #: Where every path is served: ``/aegis`` serves ``/aegis/``, ``/aegis/NAME``,
     #: ``/aegis/-/metrics``..., and redirects ``/`` there; ``/`` is the root.
     route_prefix: str = "/"
-    #: Upstream exchanges in flight at once, per worker process; past it, 503 at once.
+    #: Upstream exchanges in flight at once; past it, 503 at once.
     max_concurrent: int = 256
     #: The same for each target, so one slow service cannot take every slot.
     max_concurrent_per_target: int = 64

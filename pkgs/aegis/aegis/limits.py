@@ -1,10 +1,9 @@
-"""How many upstream exchanges run at once: overall and per target, in each worker process.
+"""How many upstream exchanges run at once: overall and per target.
 
 Past either bound a scrape is refused at once with 503 rather than queued: a scraper retries at
 its next interval anyway, and a queue would only turn one slow service into many slow scrapes
-and a pile of open client connections. The counters live in the worker's event loop, which is
-single-threaded, so plain integers need no lock; each worker counts on its own, so the bounds
-for the whole process tree are the flags times ``--workers``.
+and a pile of open client connections. The counters live in the event loop, which is
+single-threaded, so plain integers need no lock.
 """
 
 from __future__ import annotations

@@ -122,27 +122,20 @@ MAX_SCRAPE_TIMEOUT = 120.0
 CLIENT_CLOSED = 499
 
 
-def make_app(
-    config: Config,
-    *,
-    registry: CollectorRegistry | None = None,
-    multiprocess_dir: str | os.PathLike[str] | None = None,
-) -> web.Application:
+def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
     """The proxy as an aiohttp application; mountable with ``add_subapp``.
 
-    Self-metrics go to ``registry`` (a fresh one by default, never the global one); see
-    :mod:`aegis.metrics` for ``multiprocess_dir``.
+    Its ``aegis_*`` metrics go to ``registry``: a fresh one by default, or the host program's
+    own (prometheus_client's global ``REGISTRY`` included), where they sit beside its metrics.
+    It registers nothing else there; ``/-/metrics`` serves the whole of that registry.
     """
     app = web.Application()
     targets = Targets(config.sockdir, config.targets)
     registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
     app[TARGETS_KEY] = targets
-    # Several workers share the multiprocess directory: one of them logs each directory change.
-    watch = app[WATCH_KEY] = DirectoryWatch(targets, shared=multiprocess_dir)
-    app[METRICS_KEY] = ProxyMetrics(
-        registry, watch.count_targets, multiprocess_dir=multiprocess_dir
-    )
+    watch = app[WATCH_KEY] = DirectoryWatch(targets)
+    app[METRICS_KEY] = ProxyMetrics(registry, watch.count_targets)
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
     app[FAILURES_KEY] = Throttled(log)
     app[STOPPING_KEY] = GracePeriod()
@@ -297,7 +290,7 @@ class _Scrape:
         if self.budget is not None:
             self.grace.forget(self.budget)
         self.metrics.in_flight.dec()
-        if not self.counted:  # cancelled: the scraper went away, or the worker is stopping
+        if not self.counted:  # cancelled: the scraper went away, or Aegis is stopping
             self.count(CLIENT_CLOSED, "client_closed")
 
     def admit(self) -> str | None:

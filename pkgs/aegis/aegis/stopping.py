@@ -1,6 +1,6 @@
-"""The end of a worker's grace period, as the scrapes in flight see it.
+"""The end of the grace period, as the scrapes in flight see it.
 
-At a stop signal a worker lets its scrapes run until the grace period ends, and no longer. A
+At a stop signal Aegis lets its scrapes run until the grace period ends, and no longer. A
 scrape still waiting for its upstream then must not simply be cancelled: the scraper would get
 no answer at all, and the scrape would be counted as if the scraper had hung up. So each
 scrape's upstream deadline (an ``asyncio.Timeout``) is registered here while it runs, and the
@@ -25,7 +25,7 @@ class GracePeriod:
 
     def __init__(self) -> None:
         self._deadlines: set[asyncio.Timeout] = set()
-        #: The event loop's time at which the grace period ends; None while the worker runs.
+        #: The event loop's time at which the grace period ends; None while Aegis runs.
         self.end: float | None = None
         #: Scrapes that the end of the grace period cut.
         self.cut = 0
@@ -39,11 +39,13 @@ class GracePeriod:
     def forget(self, deadline: asyncio.Timeout) -> None:
         self._deadlines.discard(deadline)
 
-    def begin(self, end: float) -> None:
-        """The worker stops: no scrape waits past ``end`` (the event loop's time)."""
+    def begin(self, end: float) -> int:
+        """Aegis stops: no scrape waits past ``end`` (the event loop's time). Returns how many
+        scrapes are waiting for their service now."""
         self.end = end
         for deadline in self._deadlines:
             self._bring_forward(deadline, end)
+        return len(self._deadlines)
 
     def ended(self) -> bool:
         """Whether the grace period is over: a deadline that fired now was the stop's. Counts
@@ -61,5 +63,5 @@ class GracePeriod:
             deadline.reschedule(end)
 
 
-#: Set on the application by :func:`aegis.proxy.make_app`; the server begins it at a stop.
+#: Set on the application by :func:`aegis.proxy.make_app`; the program begins it at a stop.
 STOPPING_KEY = web.AppKey("aegis_grace_period", GracePeriod)

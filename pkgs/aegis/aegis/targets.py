@@ -40,6 +40,7 @@ _SETTLED_NS = 1_000_000_000
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _UPSTREAM_PATH = re.compile(r"/[\x21-\x7e]*")
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 _PROC_FD = "/proc/self/fd"
 
 
@@ -78,6 +79,9 @@ def directory_problem(path: Path) -> str | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno in _OUT_OF_DESCRIPTORS:
+            # Nothing is wrong with the directory; the connect that follows fails and says why.
+            return None
         return f"{path}: {_describe(exc)}"
     try:
         # A lookup relative to the directory needs its search (x) permission, as every name does.

@@ -1,7 +1,7 @@
 """The web config's request side: basic auth, client-certificate SANs, rate limit, headers.
 
 Refused credentials are logged with the user name, the reason and the client's address (never
-the password), at most one line a minute per worker, each saying how many it held back.
+the password), at most one line a minute, each saying how many it held back.
 
 :func:`setup_web_config` puts these in front of an application; the file itself is read and
 checked by :mod:`aegis.webconfig`, which also builds the TLS context the listeners serve with.

@@ -20,7 +20,7 @@ serve Aegis and the exporters next to it. Where Python's ``ssl`` cannot do what 
   warning: aiohttp speaks HTTP/1.1 only and clients fall back to it through ALPN.
 * ``rate_limit.burst`` must be at least 1 when ``interval`` is set (0 would refuse everything).
 * A failed TLS handshake (no or an untrusted client certificate, a protocol or cipher mismatch)
-  is logged, at most once a minute per worker with a count of the others; the toolkit leaves it
+  is logged, at most once a minute with a count of the others; the toolkit leaves it
   to Go's http.Server error log.
 * The file itself is read once, at start (the toolkit re-reads it per request); the cert, key
   and client CA files are re-read on the first handshake after their stat() changes, and a

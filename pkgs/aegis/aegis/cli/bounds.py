@@ -42,9 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from .accept import Connections, ProtocolFactory
+from .accept import ProtocolFactory
+from .process import release_free_memory
 
-__all__ = ["ConnectionBounds", "Guard"]
+__all__ = ["ConnectionBounds", "Connections", "Guard"]
 
 log = logging.getLogger("aegis.server")
 
@@ -68,6 +69,8 @@ _TCP_INFO_BYTES_ACKED = 120
 _TCP_INFO_SIZE = _TCP_INFO_BYTES_ACKED + 8
 _TCP = (socket.AF_INET, socket.AF_INET6)
 _INT = struct.Struct("i")
+# A connection that held a large head gives the C heap's free pages back this long after it closed.
+_TRIM_DELAY = 1.0
 
 
 def _consumed(transport: asyncio.Transport) -> int | None:
@@ -116,6 +119,40 @@ def _answer_431(limit: int) -> bytes:
         "Connection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+class Connections:
+    """The open connections (the Guard of each), for the stop's log line.
+
+    When connections that held large request heads have closed, the C heap's free pages are
+    given back to the system, once, a moment later (:data:`_TRIM_DELAY`): otherwise the
+    memory they took stays with the process.
+    """
+
+    __slots__ = ("_members", "_trim")
+
+    def __init__(self) -> None:
+        self._members: set[object] = set()
+        self._trim: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, member: object) -> None:
+        self._members.add(member)
+
+    def discard(self, member: object) -> None:
+        self._members.discard(member)
+
+    def release_later(self) -> None:
+        """A connection that held a large head has closed."""
+        if self._trim is None:
+            loop = asyncio.get_running_loop()
+            self._trim = loop.call_later(_TRIM_DELAY, self._release)
+
+    def _release(self) -> None:
+        self._trim = None
+        release_free_memory()
 
 
 class Guard(asyncio.Protocol):

@@ -1,8 +1,8 @@
 """Where Aegis listens: TCP addresses, Unix socket paths and sockets systemd passes.
 
-Each listener is one socket, bound by the supervisor before any worker starts (:func:`bind`): a
-port in use, by anyone, a second Aegis included, is one clear error at start, and no other
-program can join the port, since nothing sets ``SO_REUSEPORT``. A Unix socket path that
+Each listener is one socket, bound before anything is served (:func:`bind`): a port in use, by
+anyone, a second Aegis included, is one clear error at start, and no other program can join the
+port, since nothing sets ``SO_REUSEPORT``. A Unix socket path that
 something accepts on is "in use" the same way; a socket file nothing accepts on (left by a
 killed Aegis) is replaced, and anything that is not a socket is never removed.
 """
@@ -77,7 +77,7 @@ def systemd_listeners() -> list[Listener]:
 
 
 def bind(listeners: Sequence[Listener]) -> list[socket.socket]:
-    """One listening socket per listener, which every worker accepts on.
+    """One listening socket per listener.
 
     An ``OSError`` names the listener that failed: "address in use" alone does not say which.
     """

@@ -1,21 +1,32 @@
-"""Process-wide settings of the command: the descriptor limit and the parent-death signal.
+"""What belongs to the process, not the library: standard streams, the descriptor limit, giving
+memory back, and the process's own metrics (``process_*`` and ``aegis_build_info``).
 
-Linux only, through ``resource`` and ``prctl(2)``; both are allowed to an unprivileged process
-(and under systemd's ``@system-service`` filter with ``NoNewPrivileges``).
+Linux only; everything here is allowed to an unprivileged process (and under systemd's
+``@system-service`` filter with ``NoNewPrivileges``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import resource
-import signal
+from collections.abc import Iterable
 
-__all__ = ["die_with_parent", "open_standard_streams", "raise_fd_limit", "release_free_memory"]
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .. import __version__
+
+__all__ = [
+    "open_standard_streams",
+    "raise_fd_limit",
+    "register_process_metrics",
+    "release_free_memory",
+]
 
 log = logging.getLogger("aegis.server")
-
-_PR_SET_PDEATHSIG = 1
 
 
 def open_standard_streams() -> None:
@@ -48,23 +59,6 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def die_with_parent(parent: int, signum: signal.Signals = signal.SIGTERM) -> bool:
-    """Have the kernel send ``signum`` to this process when its parent dies, whatever the cause.
-
-    False if ``parent`` is already gone (it died before the request took effect): the caller
-    should not run then. A refused request (a seccomp filter) is logged, and the caller runs
-    without that guarantee rather than not at all.
-    """
-    import ctypes  # here, not at the top: only workers forked by a supervisor need it
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        log.error("prctl(PR_SET_PDEATHSIG): %s", os.strerror(errno))
-    # The parent may have died between fork() and prctl(): then nobody will send the signal.
-    return os.getppid() == parent
-
-
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's ``malloc_trim``).
 
@@ -72,8 +66,30 @@ def release_free_memory() -> None:
     many connections each held a large request head for a while: hundreds of megabytes that no
     longer hold anything. Elsewhere than glibc there is no such call, and nothing is done.
     """
-    import ctypes
+    import ctypes  # here, not at the top: rarely needed, and importing it costs idle memory
 
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def register_process_metrics(registry: CollectorRegistry) -> None:
+    """``process_*`` (CPU, memory, descriptors, start time) and ``aegis_build_info``: what an
+    exporter program shows of itself, and what a library must leave to its host program.
+
+    And no ``*_created`` series: Go's exporters have none in the text format, and each would
+    double a counter's series in Prometheus. A process-wide switch, so the program's to set."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=registry)
+    registry.register(_BuildInfo())
+
+
+class _BuildInfo(Collector):
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "aegis_build_info",
+            "Always 1; the labels say which Aegis and which Python run.",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info

@@ -1,0 +1,11 @@
+"""The ``aegis`` command: the program around the library (:mod:`aegis.proxy`).
+
+Everything process-wide lives here and nowhere else: argv (:mod:`.flags`), logging set-up
+(:mod:`.logformat`), the listening sockets (:mod:`.listeners`, :mod:`.accept`), the bounds on
+each client connection (:mod:`.bounds`), signals and the graceful stop (:mod:`.serve`), and the
+process's own metrics and limits (:mod:`.process`); :mod:`.main` ties them together.
+"""
+
+from .main import main
+
+__all__ = ["main"]
