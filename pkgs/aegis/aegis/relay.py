@@ -9,11 +9,18 @@ names and values, in their order. Hop-by-hop fields are dropped (RFC 9110 §7.6.
 those the upstream's ``Connection`` field names. Headers an ``on_response_prepare`` hook sets
 (``--web.config.file``'s ``http_server_config.headers``) replace the upstream's of that name;
 aiohttp's own defaults (``Server``, ``Content-Type``) are never added.
+
+aiohttp has no public way to write a head of given bytes, so :class:`Relayed` overrides one
+protected method, ``StreamResponse._write_headers``, which ``prepare()`` calls once the head is
+framed and the ``on_response_prepare`` hooks have run. That is the only aiohttp internal Aegis
+relies on: ``pyproject.toml`` bounds aiohttp above, and ``tests/test_aiohttp_contract.py`` fails
+with a message naming this module should a new aiohttp change it.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from .upstream import content_length
 
@@ -82,12 +89,17 @@ class Relayed(web.StreamResponse):
         super().__init__(status=status)
         self._relayed_head = (reason, fields, has_date)
         self._relayed_body = body
+        self._request: web.BaseRequest | None = None
         if length is not None:
             self.content_length = length
 
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        self._request = request
+        return await super().prepare(request)
+
     async def _write_headers(self) -> None:
         # Runs in prepare(), once aiohttp has framed the answer for this connection.
-        request = self._req
+        request = self._request
         assert request is not None
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -118,14 +130,16 @@ class Relayed(web.StreamResponse):
             transport.write(b"".join(parts))
 
     async def write_eof(self, data: bytes = b"") -> None:
-        writer = self._payload_writer
-        transport = self._req.transport if self._req is not None else None
+        request = self._request
         await super().write_eof(data)
         # aiohttp waits for a full buffer to drain only after writing a body itself, and the
         # page went out in _write_headers: without this, every pipelined request would queue
         # one more whole page for a client that does not read. Waiting here, before aiohttp
         # takes the next request, keeps at most about one answer queued per connection; the
-        # write deadline (timeouts.Guard) bounds the wait. An empty buffer, the usual case,
+        # write deadline (aegis.cli.bounds.Guard) bounds the wait. An empty buffer, the usual case,
         # costs no await.
-        if writer is not None and transport is not None and transport.get_write_buffer_size():
-            await writer.drain()
+        if request is None:
+            return
+        transport = request.transport
+        if transport is not None and transport.get_write_buffer_size():
+            await request.writer.drain()

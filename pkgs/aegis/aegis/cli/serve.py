@@ -131,11 +131,10 @@ async def _serve(app: web.Application, socks: list[socket.socket], serving: Serv
         acceptor.close()
     for sock in socks:
         sock.close()
-    # Idle keep-alive connections close now, the others after their answer: no new request
-    # starts during the grace period.
-    server.pre_shutdown()
     grace = app.get(STOPPING_KEY)
     waiting = grace.begin(end) if grace is not None else 0
+    # Idle keep-alive connections close now, the others after their answer (no new request
+    # starts during the grace period); then the handlers have until the end of the grace period.
     await runner.cleanup()
     cut = grace.cut if grace is not None else 0
     log.info(
