@@ -1,4 +1,4 @@
-"""Running Aegis as a process: listener syntax, graceful stop, and a supervisor that restarts."""
+"""Running Aegis as a process: listener syntax, graceful stop, signals, connection bounds."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ and a deadline on writing to a client that stopped reading.
   header byte a second (a slowloris) would keep its connection for as long as it likes. As Go's
   ``http.Server.ReadHeaderTimeout`` does, the whole head (request line and headers, up to the
   blank line) must be in within the deadline from the accept (a TLS handshake included: the
-  :class:`~aegis.accept.Acceptor` says when the first head is due) or from the first byte of a
+  :class:`~aegis.cli.accept.Acceptor` says when the first head is due) or from the first byte of a
   following request, or the connection is closed without an answer. A request pipelined
   behind one still being answered has its deadline from the end of that answer (Go's server
   reads the next request only then): the head may well be unfinished because the client reads
