@@ -84,6 +84,7 @@
                   ps.hypothesis
                   ps.pytest
                   ps.pytest-aiohttp
+                  ps.pytest-xdist
                   ps.trustme
                 ]
               ))
