@@ -39,7 +39,7 @@ let
       f:
       stub "python-env" {
         pythonPackages = f (
-          lib.genAttrs [ "hypothesis" "pytest" "pytest-aiohttp" "trustme" ] lib.id
+          lib.genAttrs [ "hypothesis" "pytest" "pytest-aiohttp" "pytest-xdist" "trustme" ] lib.id
           // {
             # The real package expression, each of its arguments its own name.
             callPackage =
