@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 from prometheus_client import CollectorRegistry
-from prometheusrun import Prometheus
+from prometheusrun import BUILDS, Build, Prometheus
 
 from aegis.proxy import Config, make_app
 
@@ -142,13 +142,33 @@ async def children(tmp_path: Path) -> AsyncIterator[Children]:
     await started.close()
 
 
+@pytest.fixture(params=BUILDS, ids=lambda build: build.name)
+def prometheus_build(request: pytest.FixtureRequest) -> Build:
+    """Each build of Prometheus in turn (prometheusrun.BUILDS): a test that uses ``prometheus``
+    or ``promtool`` runs once against each, and skips, saying why, where one is absent."""
+    build: Build = request.param
+    if build.missing:
+        pytest.skip(build.missing)
+    return build
+
+
 @pytest.fixture
-async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Prometheus]]:
-    """``prometheus(config_text)`` starts one; all are stopped when the test ends."""
+def promtool(prometheus_build: Build) -> str:
+    """The ``promtool`` of the build under test."""
+    assert prometheus_build.promtool is not None
+    return prometheus_build.promtool
+
+
+@pytest.fixture
+async def prometheus(
+    tmp_path: Path, prometheus_build: Build
+) -> AsyncIterator[Callable[[str], Prometheus]]:
+    """``prometheus(config_text)`` starts one of the build under test; all are stopped when
+    the test ends."""
     started: list[Prometheus] = []
 
     def start(config: str) -> Prometheus:
-        started.append(Prometheus(tmp_path, config))
+        started.append(Prometheus(tmp_path, config, prometheus_build))
         return started[-1]
 
     try:

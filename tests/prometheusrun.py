@@ -7,17 +7,70 @@ and bounded, since what it scrapes runs in the test's event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aegisrun import child_env, free_port
 
-PROMETHEUS = shutil.which("prometheus")
+
+@dataclass(frozen=True)
+class Build:
+    """One build of Prometheus to test against: its ``prometheus`` and ``promtool``, or why
+    there is none here (then the tests that need it skip, saying so)."""
+
+    name: str
+    prometheus: str | None
+    promtool: str | None
+    missing: str = ""
+
+    def version(self) -> str:
+        """The first line of ``prometheus --version``, e.g. "prometheus, version 3.5.3+ds1 ..."."""
+        assert self.prometheus is not None
+        done = subprocess.run(
+            [self.prometheus, "--version"], capture_output=True, text=True, timeout=30, check=True
+        )
+        return (done.stdout or done.stderr).splitlines()[0]
+
+
+#: The variable naming the directory of Prometheus 3's two binaries (.ci/prometheus3 fetches
+#: Debian's build of the 3.5 LTS release and prints that directory).
+PROMETHEUS3_VARIABLE = "AEGIS_PROMETHEUS3"
+
+
+def _on_path() -> Build:
+    found = shutil.which("prometheus"), shutil.which("promtool")
+    missing = (
+        ""
+        if None not in found
+        else ("prometheus and promtool are not on PATH (Debian: apt-get install prometheus)")
+    )
+    return Build("path", *found, missing)
+
+
+def _prometheus3() -> Build:
+    where = os.environ.get(PROMETHEUS3_VARIABLE, "")
+    if not where:
+        return Build(
+            "v3",
+            None,
+            None,
+            f"{PROMETHEUS3_VARIABLE} is not set: the directory of Prometheus 3's prometheus and "
+            "promtool (bash .ci/prometheus3 fetches Debian's 3.5 LTS build and prints it)",
+        )
+    # Set but wrong is not skipped: the build it names is not there, which must be seen.
+    return Build("v3", str(Path(where) / "prometheus"), str(Path(where) / "promtool"))
+
+
+#: Every build the Prometheus tests run against: the one on PATH (Debian 12's 2.42; nixpkgs'
+#: in the Nix build) and Prometheus 3, whose scrapes and configuration differ.
+BUILDS = [_on_path(), _prometheus3()]
 
 Series = list[dict[str, Any]]
 
@@ -38,8 +91,11 @@ def up_is(want: dict[str, float]) -> Callable[[Series], bool]:
 class Prometheus:
     """One ``prometheus`` child with ``config`` as its config file; output goes to a log file."""
 
-    def __init__(self, tmp_path: Path, config: str) -> None:
-        assert PROMETHEUS is not None
+    def __init__(self, tmp_path: Path, config: str, build: Build) -> None:
+        assert build.prometheus is not None
+        self.build = build
+        # The configuration beside the test's files: relative names in it (rule_files) are
+        # read from there.
         config_file = tmp_path / "prometheus.yml"
         config_file.write_text(config)
         self.api = f"http://127.0.0.1:{free_port()}"
@@ -47,7 +103,7 @@ class Prometheus:
         with self.log.open("wb") as out:
             self.popen = subprocess.Popen(
                 [
-                    PROMETHEUS,
+                    build.prometheus,
                     f"--config.file={config_file}",
                     f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                     f"--web.listen-address={self.api.removeprefix('http://')}",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,6 @@ from aegis.config import ConfigError, parse_duration
 from aegis.configfile import load_targets
 from aegis.targets import Target
 from conftest import AegisFactory, Upstreams
-
-PROMTOOL = shutil.which("promtool")
 
 
 @pytest.fixture(autouse=True)
@@ -215,8 +212,7 @@ def test_durations_prometheus_refuses(text: str, reason: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed")
-def test_prometheus_itself_agrees_on_what_is_a_duration(tmp_path: Path) -> None:
+def test_prometheus_itself_agrees_on_what_is_a_duration(tmp_path: Path, promtool: str) -> None:
     """promtool reads each text as an alerting rule's ``for:``, which is a model.Duration."""
     texts = ["0", "10", "0s", "1m30s", "250ms", "1.5s", "30s1m", "1m1m", "2w3d", "10x", "1h0m"]
     files = []
@@ -226,9 +222,8 @@ def test_prometheus_itself_agrees_on_what_is_a_duration(tmp_path: Path) -> None:
             f'groups:\n- name: g\n  rules:\n  - alert: A\n    expr: up == 0\n    for: "{text}"\n'
         )
         files.append(path)
-    assert PROMTOOL is not None
     done = subprocess.run(
-        [PROMTOOL, "check", "rules", *map(str, files)],
+        [promtool, "check", "rules", *map(str, files)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import shutil
 import subprocess
 
 import aiohttp
-import pytest
 from aegisrun import needs_aegis
 from aiohttp import web
-from prometheusrun import PROMETHEUS, Series
+from prometheusrun import Series
 
-PROMTOOL = shutil.which("promtool")
-
-pytestmark = [
-    needs_aegis,
-    pytest.mark.skipif(
-        PROMETHEUS is None or PROMTOOL is None,
-        reason="prometheus and promtool are not on PATH (Debian package 'prometheus')",
-    ),
-]
+pytestmark = needs_aegis
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -87,11 +77,10 @@ global:
 scrape_configs:{jobs}"""
 
 
-async def promtool_check(page: bytes) -> subprocess.CompletedProcess[bytes]:
-    assert PROMTOOL is not None
+async def promtool_check(promtool: str, page: bytes) -> subprocess.CompletedProcess[bytes]:
     return await asyncio.to_thread(
         subprocess.run,
-        [PROMTOOL, "check", "metrics"],
+        [promtool, "check", "metrics"],
         input=page,
         capture_output=True,
         timeout=30,
@@ -100,7 +89,7 @@ async def promtool_check(page: bytes) -> subprocess.CompletedProcess[bytes]:
 
 
 async def test_prometheus_scrapes_two_sockets_through_aegis(
-    children, prometheus, upstreams, sockdir
+    children, prometheus, promtool, upstreams, sockdir
 ):
     alpha = Service(ALPHA, gzip=True)
     beta = Service(BETA, gzip=False)
@@ -144,15 +133,15 @@ async def test_prometheus_scrapes_two_sockets_through_aegis(
                 assert response.status == 200
                 page = await response.read()
             assert page == text.encode()
-            checked = await promtool_check(page)
+            checked = await promtool_check(promtool, page)
             assert checked.returncode == 0, checked.stderr.decode()
 
 
-async def test_promtool_check_fails_a_broken_page():
+async def test_promtool_check_fails_a_broken_page(promtool):
     # Proves the check above can fail: a label set that is never closed.
     broken = ALPHA.replace(
         'fake_alpha_requests_total{code="500"}', 'fake_alpha_requests_total{code="500"'
     )
-    checked = await promtool_check(broken.encode())
+    checked = await promtool_check(promtool, broken.encode())
     assert checked.returncode != 0
     assert b"parsing error" in checked.stdout + checked.stderr

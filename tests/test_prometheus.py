@@ -3,25 +3,19 @@ discovered through ``/-/sd``."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import bcrypt
-import pytest
 import trustme
 from aegisrun import Children, needs_aegis
-from prometheusrun import PROMETHEUS, Prometheus, up_is
+from prometheusrun import Build, Prometheus, up_is
 
 from conftest import Upstreams
 
-pytestmark = [
-    needs_aegis,
-    pytest.mark.skipif(
-        PROMETHEUS is None,
-        reason="prometheus is not installed (Debian: apt-get install prometheus)",
-    ),
-]
+pytestmark = needs_aegis
 
 
 async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_sees_a_new_socket(
@@ -82,3 +76,20 @@ async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_see
             await scraper.wait_for_up(session, up_is(everything), within=30)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\naegis:\n{aegis.output()[-3000:]}") from None
+
+
+def test_each_build_is_the_prometheus_it_stands_for(prometheus_build: Build) -> None:
+    """A variable naming the wrong directory must not pass for a run against Prometheus 3."""
+    version = prometheus_build.version()
+    assert version.startswith("prometheus, version "), version
+    if prometheus_build.name == "v3":
+        assert version.removeprefix("prometheus, version ").startswith("3."), version
+        assert prometheus_build.promtool is not None
+        done = subprocess.run(
+            [prometheus_build.promtool, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert done.stdout.startswith("promtool, version 3."), done.stdout

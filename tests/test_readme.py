@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,6 @@ from aegis.configfile import load_targets
 from aegis.webconfig import load_web_config
 from conftest import Upstreams
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian package 'prometheus')"
-)
 pytestmark = needs_readme
 
 
@@ -71,34 +66,32 @@ def test_every_yaml_block_says_how_it_is_checked() -> None:
 # Prometheus configurations and alert rules.
 
 
-@needs_promtool
 @pytest.mark.parametrize("block", of_kind("prometheus"), ids=str)
-def test_prometheus_configuration_passes_promtool(block: Block, tmp_path: Path) -> None:
-    assert PROMTOOL is not None
+def test_prometheus_configuration_passes_promtool(
+    block: Block, tmp_path: Path, promtool: str
+) -> None:
     for rule_file in of_kind("rules"):  # rule_files are checked too, so they must be there
         (tmp_path / rule_file.arg).write_text(rule_file.text)
     (tmp_path / "prometheus.yml").write_text(block.text)
-    checked = run(PROMTOOL, "check", "config", "prometheus.yml", cwd=tmp_path)
+    checked = run(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode == 0, f"{block}:\n{checked.stdout}{checked.stderr}"
 
 
-@needs_promtool
-def test_promtool_rejects_scheme_in_an_http_sd_entry(tmp_path: Path) -> None:
+def test_promtool_rejects_scheme_in_an_http_sd_entry(tmp_path: Path, promtool: str) -> None:
     # What the README once told users to write: proof that the check above can fail.
     (tmp_path / "prometheus.yml").write_text(
         "scrape_configs:\n  - job_name: aegis\n    http_sd_configs:\n"
         "      - url: https://myhost:31337/-/sd\n        scheme: https\n"
     )
-    checked = run(PROMTOOL or "promtool", "check", "config", "prometheus.yml", cwd=tmp_path)
+    checked = run(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
     assert checked.returncode != 0
     assert "field scheme not found" in checked.stdout + checked.stderr
 
 
-@needs_promtool
-def test_alert_rules_pass_promtool_check_rules(tmp_path: Path) -> None:
+def test_alert_rules_pass_promtool_check_rules(tmp_path: Path, promtool: str) -> None:
     block = rules()
     (tmp_path / block.arg).write_text(block.text)
-    checked = run(PROMTOOL or "promtool", "check", "rules", block.arg, cwd=tmp_path)
+    checked = run(promtool, "check", "rules", block.arg, cwd=tmp_path)
     assert checked.returncode == 0, f"{block}:\n{checked.stdout}{checked.stderr}"
 
 
@@ -121,13 +114,11 @@ def expected_alert(rule: dict[str, Any], labels: dict[str, str]) -> dict[str, An
     }
 
 
-@needs_promtool
-def test_alert_rules_catch_a_socket_that_disappears(tmp_path: Path) -> None:
+def test_alert_rules_catch_a_socket_that_disappears(tmp_path: Path, promtool: str) -> None:
     """Series as Prometheus records them with the README's discovery configuration: "node"'s
     socket disappears after 20 minutes, so its target leaves /-/sd and its ``up`` series ends
     in a staleness marker, never 0; "broken" keeps its socket but stops answering; "postgres"
     is fine throughout; Aegis itself stops answering after 40 minutes."""
-    assert PROMTOOL is not None
     block = rules()
     (tmp_path / block.arg).write_text(block.text)
     by_name = {r["alert"]: r for g in yaml.safe_load(block.text)["groups"] for r in g["rules"]}
@@ -172,7 +163,7 @@ def test_alert_rules_catch_a_socket_that_disappears(tmp_path: Path) -> None:
         ],
     }
     (tmp_path / "test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
-    tested = run(PROMTOOL, "test", "rules", "test.yml", cwd=tmp_path)
+    tested = run(promtool, "test", "rules", "test.yml", cwd=tmp_path)
     assert tested.returncode == 0, f"{block}:\n{tested.stdout}{tested.stderr}"
 
 

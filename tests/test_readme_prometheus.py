@@ -10,23 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 import trustme
 import yaml
 from aegisrun import Children, needs_aegis
-from prometheusrun import PROMETHEUS, Prometheus, up_is
+from prometheusrun import Prometheus, up_is
 from readmeblocks import documented_passwords, needs_readme, of_kind, rules
 
 from conftest import Upstreams
 
-pytestmark = [
-    needs_readme,
-    needs_aegis,
-    pytest.mark.skipif(
-        PROMETHEUS is None,
-        reason="prometheus is not installed (Debian: apt-get install prometheus)",
-    ),
-]
+pytestmark = [needs_readme, needs_aegis]
 
 
 def scrape_config(text: str, port: int, files: Path) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import urljoin
 import aiohttp
 import pytest
 from aegisrun import AEGIS, Children, child_env, free_port, needs_aegis
-from prometheusrun import PROMETHEUS, Prometheus
+from prometheusrun import Prometheus
 
 from aegis.config import Config, ConfigError
 from conftest import AegisFactory, Upstreams
@@ -147,7 +147,6 @@ def test_a_bad_route_prefix_stops_the_command_naming_it(tmp_path: Path) -> None:
 
 
 @needs_aegis
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian: prometheus)")
 async def test_prometheus_finds_and_scrapes_everything_under_the_prefix(
     children: Children,
     prometheus: Callable[[str], Prometheus],

@@ -21,7 +21,7 @@ from aegisrun import Children, free_port, fresh_get, needs_aegis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheusrun import PROMETHEUS, Prometheus, Series
+from prometheusrun import Prometheus, Series
 from test_metrics import samples, scrape, value
 from test_targets import bind_anywhere
 
@@ -305,9 +305,6 @@ async def test_an_unreadable_directory_is_logged_once_per_change(
 
 
 @needs_aegis
-@pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus is not installed (Debian: apt-get install prometheus)"
-)
 async def test_prometheus_keeps_its_targets_while_the_directory_is_gone(
     sockdir: Path,
     tmp_path: Path,
