@@ -121,14 +121,25 @@ class Prometheus:
         if self.popen.poll() is not None:
             raise AssertionError(f"prometheus exited:\n{self.output()}")
 
-    async def query(self, session: aiohttp.ClientSession, expr: str) -> Series:
-        """The instant query's result; an answer other than success fails the test."""
+    async def query(
+        self, session: aiohttp.ClientSession, expr: str, at: str | None = None
+    ) -> Series:
+        """The instant query's result (at the time ``at``, as the API writes times, if given);
+        an answer other than success fails the test."""
         url = f"{self.api}/api/v1/query"
-        async with session.get(url, params={"query": expr}) as response:
+        params = {"query": expr} if at is None else {"query": expr, "time": at}
+        async with session.get(url, params=params) as response:
             answer = await response.json()
         assert answer["status"] == "success", answer
         result: Series = answer["data"]["result"]
         return result
+
+    async def last_errors(self, session: aiohttp.ClientSession) -> dict[str, str]:
+        """Each active target's last scrape error ("" if it was scraped), by job."""
+        async with session.get(f"{self.api}/api/v1/targets") as response:
+            answer = await response.json()
+        assert answer["status"] == "success", answer
+        return {t["labels"]["job"]: t["lastError"] for t in answer["data"]["activeTargets"]}
 
     async def wait_for_up(
         self, session: aiohttp.ClientSession, done: Callable[[Series], bool], within: float
