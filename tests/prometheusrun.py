@@ -135,11 +135,15 @@ class Prometheus:
         return result
 
     async def last_errors(self, session: aiohttp.ClientSession) -> dict[str, str]:
-        """Each active target's last scrape error ("" if it was scraped), by job."""
+        """Each active target's last scrape error ("" if it was scraped), by ``job/target`` as
+        :func:`up_by_name` names them."""
         async with session.get(f"{self.api}/api/v1/targets") as response:
             answer = await response.json()
         assert answer["status"] == "success", answer
-        return {t["labels"]["job"]: t["lastError"] for t in answer["data"]["activeTargets"]}
+        return {
+            f"{t['labels']['job']}/{t['labels'].get('target', '')}": t["lastError"]
+            for t in answer["data"]["activeTargets"]
+        }
 
     async def wait_for_up(
         self, session: aiohttp.ClientSession, done: Callable[[Series], bool], within: float

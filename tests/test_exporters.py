@@ -294,7 +294,7 @@ async def test_nginx_and_its_exporter_on_unix_listeners_through_aegis(
             assert found[1] == file_samples, differences(file_samples, found[1])
             if version3:
                 deadline = time.monotonic() + 30
-                while not (error := (await scraper.last_errors(session))["nginx"]):
+                while not (error := (await scraper.last_errors(session))["nginx/"]):
                     assert time.monotonic() < deadline, "nginx's page never refused"
                     await asyncio.sleep(0.2)
                 assert 'unsupported Content-Type "application/octet-stream"' in error, error
