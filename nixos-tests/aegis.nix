@@ -16,6 +16,10 @@ let
 
   port = 31337;
 
+  # A real exporter from nixpkgs: HAProxy's built-in Prometheus exporter on a
+  # Unix socket in sockdir, served as /haproxy like any other socket there.
+  haproxySocket = "${sockdir}/haproxy.sock";
+
   # TLS and basic auth, as in the nspawn test (tests/test_systemd.py). The
   # certificate is its own CA, for host "server" (Prometheus) and "localhost"
   # (the unix: listener); its key is a throwaway in the world-readable store.
@@ -89,6 +93,34 @@ in
           isSystemUser = true;
           group = "within";
         };
+
+        # --- a real exporter: HAProxy (the test script starts it) ---
+        # nixpkgs' module runs HAProxy as haproxy:haproxy with ProtectSystem =
+        # "strict". It joins the socket directory as the README says a service
+        # does: in group within, allowed to write in sockdir, its socket 0660 (it
+        # takes group within from the directory's setgid bit).
+        services.haproxy = {
+          enable = true;
+          config = ''
+            defaults
+              mode http
+              timeout connect 5s
+              timeout client 30s
+              timeout server 30s
+
+            frontend metrics
+              bind unix@${haproxySocket} mode 660
+              http-request use-service prometheus-exporter if { path /metrics }
+              http-request return status 404
+          '';
+        };
+        users.users.haproxy.extraGroups = [ "within" ];
+        systemd.services.haproxy = {
+          serviceConfig.ReadWritePaths = [ sockdir ];
+          # Not at boot: the subtests before it count the sockets without it.
+          wantedBy = lib.mkForce [ ];
+        };
+        # --- end of HAProxy ---
 
         systemd.services = {
           fake-local = fakeExporter {
@@ -305,5 +337,35 @@ in
         server.wait_for_open_port(${toString port})
 
     server.log(server.succeed("systemd-analyze security aegis.service | grep -v '✓'"))
+
+    # --- a real exporter: HAProxy ---
+    with subtest("HAProxy's own exporter on a socket in sockdir is discovered and scraped"):
+        server.systemctl("start haproxy.service")
+        server.wait_for_unit("haproxy.service")
+        server.wait_for_open_unix_socket("${haproxySocket}")
+        modes = server.succeed("stat -c '%U:%G %a' ${haproxySocket}").split()
+        assert modes == ["haproxy:within", "660"], f"unexpected owner and mode: {modes}"
+        page = server.succeed("curl -sSf --unix-socket ${haproxySocket} http://localhost/metrics")
+        samples = [line for line in page.splitlines() if line and not line.startswith("#")]
+        names = {line.split("{")[0].split(" ")[0] for line in samples}
+        assert "haproxy_process_nbthread" in names, page[:500]
+        prometheus.wait_until_succeeds(
+            "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
+            + "--data-urlencode 'query=up{job=\"aegis-sd\",target=\"haproxy\"} == 1' "
+            + "| jq -e '.data.result | length == 1'"
+        )
+        # Every series of HAProxy's page, through Aegis, and nothing else but Prometheus' own.
+        stored = json.loads(
+            prometheus.succeed(
+                "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
+                + "--data-urlencode 'query=count by (__name__) ({job=\"aegis-sd\",target=\"haproxy\"})'"
+            )
+        )["data"]["result"]
+        own = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling", "scrape_series_added"}
+        got = {r["metric"]["__name__"] for r in stored} - own
+        assert got == names, f"only on the page: {names - got}; only in prometheus: {got - names}"
+        scraped = prometheus_value('max(scrape_samples_scraped{job="aegis-sd",target="haproxy"})')
+        assert scraped == str(len(samples)), f"{scraped} samples scraped, {len(samples)} on the page"
+    # --- end of HAProxy ---
   '';
 }
