@@ -4,6 +4,7 @@ Everything process-wide lives here and nowhere else: argv (:mod:`.flags`), loggi
 (:mod:`.logformat`), the listening sockets (:mod:`.listeners`, :mod:`.accept`), the bounds on
 each client connection (:mod:`.bounds`), signals and the graceful stop (:mod:`.serve`), and the
 process's own metrics and limits (:mod:`.process`); :mod:`.main` ties them together.
+``aegis check`` (:mod:`.check`, :mod:`.exposition`) looks at every target once and reports.
 """
 
 from .main import main

@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aegis",
         description="Expose the Prometheus metrics of Unix-socket services on one TCP port: "
         "GET /NAME is answered by SOCKDIR/NAME.sock, path /metrics.",
+        epilog="aegis check [FLAGS] looks at every target once and says what a scrape gets "
+        "(aegis check --help).",
         allow_abbrev=False,
     )
     parser.add_argument(

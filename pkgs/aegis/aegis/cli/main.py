@@ -1,4 +1,5 @@
-"""``aegis``: argv → configuration → listeners → :func:`aegis.cli.serve.serve`.
+"""``aegis``: argv → configuration → listeners → :func:`aegis.cli.serve.serve`; ``aegis check``
+goes to :mod:`.check`.
 
 The program is a thin layer over the library: it owns what is process-wide (argv, logging, the
 listening sockets and their files, signals, the descriptor limit, ``process_*`` metrics) and
@@ -11,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +38,11 @@ log = logging.getLogger("aegis")
 
 def main(argv: Sequence[str] | None = None) -> int:
     open_standard_streams()
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["check"]:  # the original takes no word that is not a flag's value
+        from .check import main as check  # only then: serving never loads it
+
+        return check(words[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logformat.configure(args.log_level, args.log_format)
