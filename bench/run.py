@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Aegis beside its peers, on loopback, in one run: requests/s, latency, memory, and the ratios.
 
-    bench/run.py [--runs 3] [--seconds 8] [--original ../shared/bench/goaegis]
+    bench/run.py [--runs 3] [--seconds 8] [--original ../shared/bench/goaegis] [--baseline CMD]
 
 One nginx serves two generated pages (about 33 KB and 7 MB) on Unix sockets in a scratch
 directory; the peers put them on TCP ports: nginx ``proxy_pass`` to the sockets, the Go peer of
 ``bench/goproxy`` (the original design: one ``httputil.ReverseProxy`` and one fresh Unix
-connection per request) and Aegis (``aegis`` on PATH, or the command in ``AEGIS_CMD``). wrk loads
-each peer in turn; memory is PSS summed over every process of a peer (its process group), idle and
-at its highest under load. Then, once: start-up time, ``/-/sd`` and ``/`` with 10 000 sockets in
-the directory, a scrape beside 10 000 sockets against 10, and ``--workers 1``.
+connection per request), Aegis (``aegis`` on PATH, or the command in ``AEGIS_CMD``) and, with
+``--baseline`` (or ``AEGIS_BASELINE_CMD``), another Aegis command beside it, such as an earlier
+commit installed in a venv of its own. wrk loads each peer in turn; memory is PSS summed over
+every process of a peer (its process group), idle and at its highest under load. Then, once:
+start-up time and fresh idle memory of each Aegis command, ``/-/sd`` and ``/`` with 10 000
+sockets in the directory, and a scrape beside 10 000 sockets against 10.
 
 Standard library only; nginx, wrk and go come from Debian (nginx-light, wrk, golang-go). The
 machine's load is printed with each run: compare ratios within a run, not figures across runs.
@@ -118,7 +120,7 @@ class Processes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
-        # Workers that outlive their parent are still in its group.
+        # Anything the command started is in its group too.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -264,14 +266,17 @@ def wrk(url: str, connections: int, seconds: float) -> Load:
 # -- the bench ------------------------------------------------------------------------------------
 
 
-def check_tools(aegis: list[str]) -> None:
+def check_tools(commands: Sequence[list[str]]) -> None:
     missing = [tool for tool in ("nginx", "wrk", "go") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(
             f"missing: {', '.join(missing)}; apt-get install -y nginx-light wrk golang-go"
         )
-    if shutil.which(aegis[0]) is None:
-        raise SystemExit(f"{aegis[0]!r} is not on PATH: pip install ./pkgs/aegis, or set AEGIS_CMD")
+    for command in commands:
+        if shutil.which(command[0]) is None:
+            raise SystemExit(
+                f"{command[0]!r} is not on PATH: pip install ./pkgs/aegis, or set AEGIS_CMD"
+            )
 
 
 def go_build(source: Path, out: Path) -> Path:
@@ -297,10 +302,21 @@ def nginx_conf(work: Path, name: str, body: str, workers: int = 1) -> Path:
     return conf
 
 
+#: The peer names of the Aegis commands: the one measured, and the one it is compared with.
+AEGIS = "aegis"
+BASELINE = "baseline"
+
+
 class Bench:
-    def __init__(self, work: Path, aegis: list[str], seconds: float, original: Path | None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        aegis: dict[str, list[str]],
+        seconds: float,
+        original: Path | None,
+    ) -> None:
         self.work = work
-        self.aegis = aegis
+        self.aegis = aegis  # peer name -> command, AEGIS first
         self.seconds = seconds
         self.original = original
         self.procs = Processes(work)
@@ -339,9 +355,9 @@ class Bench:
             f"proxy_pass http://up_{page}/metrics; }}"
             for page in PAGES
         )
-        # Two workers, as many as Aegis has by default on this machine.
+        # One worker: one process, as Aegis is.
         server = f"server {{ listen 127.0.0.1:{port}; {locations} }}"
-        conf = nginx_conf(self.work, "nginx", f"{ups}\n{server}", workers=2)
+        conf = nginx_conf(self.work, "nginx", f"{ups}\n{server}", workers=1)
         proc, log = self.procs.start("nginx", ["nginx", "-c", str(conf)])
         self.peers.append(Peer("nginx", port, proc, log))
         # The original's flags, which Aegis keeps: -sockdir DIR -hostport HOST:PORT.
@@ -350,7 +366,8 @@ class Bench:
         if self.original is not None:
             original = go_build(self.original, self.work / "go-original")
             self.peers.append(self.start_proxy("go-original", [str(original)], self.sockdir))
-        self.peers.append(self.start_proxy("aegis", self.aegis, self.sockdir))
+        for name in self.aegis:
+            self.peers.append(self.start_aegis(name, name, self.sockdir))
         for peer in self.peers:
             wait_ok(peer, "/small")
 
@@ -360,8 +377,9 @@ class Bench:
         proc, log = self.procs.start(name, argv)
         return Peer(name, port, proc, log)
 
-    def start_aegis(self, name: str, sockdir: Path, *extra: str) -> Peer:
-        return self.start_proxy(name, [*self.aegis, *extra], sockdir)
+    def start_aegis(self, which: str, name: str, sockdir: Path) -> Peer:
+        """The Aegis command ``which`` (AEGIS or BASELINE), as the peer ``name``."""
+        return self.start_proxy(name, self.aegis[which], sockdir)
 
 
 @dataclass
@@ -444,14 +462,43 @@ def medians(runs: list[dict[str, dict[str, Row]]]) -> None:
                     page, name, [run[page][name] for run in runs], [run[page]["go"] for run in runs]
                 )
             )
-    large = [run["large"]["aegis"] for run in runs]
-    print(
-        "aegis PSS while streaming 7 MB pages (MB, each run: idle / lowest / highest sample): "
-        + "; ".join(
-            f"{mib(r.idle_kib)} / {mib(min(r.samples, default=0))} / {mib(r.peak_kib)}"
-            for r in large
+    for name in runs[0]["large"]:
+        if name not in (AEGIS, BASELINE):
+            continue
+        large = [run["large"][name] for run in runs]
+        print(
+            f"{name} PSS while streaming 7 MB pages (MB, each run: idle / lowest / highest "
+            "sample): "
+            + "; ".join(
+                f"{mib(r.idle_kib)} / {mib(min(r.samples, default=0))} / {mib(r.peak_kib)}"
+                for r in large
+            )
         )
-    )
+    print_ratios(runs)
+
+
+def print_ratios(runs: list[dict[str, dict[str, Row]]]) -> None:
+    """Aegis against each other peer, each ratio taken within a run: CPU per request (below 1,
+    Aegis does less work), requests/s and p99 (each Aegis's over the peer's)."""
+    print(f"\n{AEGIS.upper()} / EACH PEER (within each run: run 1, run 2, ...; then the median)")
+    for page in PAGES:
+        for name in runs[0][page]:
+            if name == AEGIS:
+                continue
+            pairs = [(run[page][AEGIS], run[page][name]) for run in runs]
+            figures = {
+                "cpu/req": [a.cpu_us / max(b.cpu_us, 1e-9) for a, b in pairs],
+                "req/s": [a.load.rps / max(b.load.rps, 1e-9) for a, b in pairs],
+                "p99": [a.load.p99_ms / max(b.load.p99_ms, 1e-9) for a, b in pairs],
+            }
+            print(
+                f"{page:6} vs {name:12} "
+                + "  ".join(
+                    f"{label} {statistics.median(values):.2f} "
+                    f"({', '.join(f'{v:.2f}' for v in values)})"
+                    for label, values in figures.items()
+                )
+            )
 
 
 def timed(fn: Callable[[], object], times: int) -> list[float]:
@@ -468,21 +515,25 @@ def ms_summary(values: list[float]) -> str:
 
 
 def extras(bench: Bench) -> None:
-    print("\nEXTRAS (aegis)")
+    print(f"\nEXTRAS ({', '.join(bench.aegis)})")
     # Start-up, from the command to the first proxied 200; then the memory of a fresh server
-    # that answered that one scrape and /-/metrics (the "idle" of the targets).
-    for workers in ("1", "2"):
-        times, idle, own = [], [], []
-        for _ in range(3):
-            peer = bench.start_aegis(f"startup-{workers}", bench.sockdir, "--workers", workers)
+    # that answered that one scrape and /-/metrics (the "idle" of the targets). The Aegis
+    # commands take turns, so that neither always starts while the machine is busiest.
+    fresh: dict[str, tuple[list[float], list[int], list[int]]] = {
+        which: ([], [], []) for which in bench.aegis
+    }
+    for turn in range(3):
+        for which, (times, idle, own) in sorted(fresh.items(), reverse=turn % 2 == 1):
+            peer = bench.start_aegis(which, f"startup-{which}", bench.sockdir)
             times.append(wait_ok(peer, "/small") * 1000)
             get(peer.port, "/-/metrics")
             time.sleep(1.0)
             idle.append(group_pss_kib(peer.proc.pid))
             own.append(group_pss_kib(peer.proc.pid, "Pss_Anon:"))
             bench.procs.stop(peer.proc)
+    for which, (times, idle, own) in fresh.items():
         print(
-            f"--workers {workers}: start-up to first 200 {ms_summary(times)}; fresh idle PSS "
+            f"{which}: start-up to first 200 {ms_summary(times)}; fresh idle PSS "
             f"{' '.join(mib(kib) for kib in idle)} MB, of it anonymous (the processes' own) "
             f"{' '.join(mib(kib) for kib in own)} MB"
         )
@@ -498,25 +549,41 @@ def extras(bench: Bench) -> None:
         for i in range(count - len(PAGES)):
             with socket.socket(socket.AF_UNIX) as listener:
                 listener.bind(str(directory / f"svc-{i:05d}.sock"))
-        dirs[count] = bench.start_aegis(f"dir{count}", directory)
-    for peer in dirs.values():
-        wait_ok(peer, "/small")
-    many = dirs[MANY_SOCKETS]
-    for path in ("/-/sd", "/"):
-        status, body = get(many.port, path)
-        lat = timed(functools.partial(get, many.port, path), 20)
-        print(
-            f"{path} with {MANY_SOCKETS} sockets: {ms_summary(lat)} "
-            f"(status {status}, {len(body)} bytes)"
+        dirs[count] = bench.start_aegis(AEGIS, f"dir{count}", directory)
+    crowded = {
+        which: bench.start_aegis(
+            which, f"dir{MANY_SOCKETS}-{which}", bench.work / f"dir{MANY_SOCKETS}"
         )
+        for which in bench.aegis
+        if which != AEGIS
+    }
+    for peer in [*dirs.values(), *crowded.values()]:
+        wait_ok(peer, "/small")
+    # A listing is kept only once the directory's last change is a second old: until then each
+    # request lists it anew, and the first timings would depend on how soon they come.
+    time.sleep(1.5)
+    many = dirs[MANY_SOCKETS]
+    for which, peer in {AEGIS: many, **crowded}.items():
+        for path in ("/-/sd", "/"):
+            started = time.perf_counter()
+            status, body = get(peer.port, path)
+            first = (time.perf_counter() - started) * 1000
+            lat = timed(functools.partial(get, peer.port, path), 20)
+            print(
+                f"{which}: {path} with {MANY_SOCKETS} sockets: first {first:.1f} ms (the "
+                f"process lists the directory), then {ms_summary(lat)} (status {status}, "
+                f"{len(body)} bytes)"
+            )
+        if which != AEGIS:
+            bench.procs.stop(peer.proc)
     rates = {}
     for count, peer in dirs.items():
         wrk(peer.url("/small"), CONNECTIONS["small"], 1)
         rates[count] = measure(peer, "small", bench.seconds)
     (many_load, many_cpu), (few_load, few_cpu) = rates[MANY_SOCKETS], rates[10]
     print(
-        f"33 KB scrape beside {MANY_SOCKETS} sockets vs 10: CPU {many_cpu:.0f} vs {few_cpu:.0f} "
-        f"us/request; {many_load.rps:.0f} vs {few_load.rps:.0f} req/s, "
+        f"{AEGIS}: 33 KB scrape beside {MANY_SOCKETS} sockets vs 10: CPU {many_cpu:.0f} vs "
+        f"{few_cpu:.0f} us/request; {many_load.rps:.0f} vs {few_load.rps:.0f} req/s, "
         f"p99 {many_load.p99_ms:.2f} vs {few_load.p99_ms:.2f} ms"
     )
     # Every socket asked for once (none answers: their listeners are closed).
@@ -533,7 +600,7 @@ def extras(bench: Bench) -> None:
     _, metrics = get(many.port, "/-/metrics", timeout=120)
     scrape_ms = (time.perf_counter() - started) * 1000
     print(
-        f"PSS after asking for each of the {MANY_SOCKETS} sockets once: {mib(before)} -> "
+        f"{AEGIS}: PSS after asking for each of the {MANY_SOCKETS} sockets once: {mib(before)} -> "
         f"{mib(group_pss_kib(many.proc.pid))} MB (answers {codes}); "
         f"then /-/metrics took {scrape_ms:.0f} ms for {len(metrics)} bytes"
     )
@@ -549,14 +616,14 @@ def machine() -> str:
     return f"{platform.node()}, {os.cpu_count()} CPUs ({model}), Linux {platform.release()}"
 
 
-def versions(aegis: list[str]) -> str:
+def versions(aegis: dict[str, list[str]]) -> str:
     def first_line(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
         return (done.stdout + done.stderr).strip().splitlines()[0]
 
     return "; ".join(
         [
-            first_line([*aegis, "--version"]),
+            *(f"{name}: {first_line([*command, '--version'])}" for name, command in aegis.items()),
             first_line(["nginx", "-v"]),
             first_line(["wrk", "-v"]).split(" [")[0],
             first_line(["go", "version"]),
@@ -577,13 +644,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="also build and measure this Go program (e.g. ../shared/bench/goaegis)",
     )
+    parser.add_argument(
+        "--baseline",
+        default=os.environ.get("AEGIS_BASELINE_CMD", ""),
+        metavar="CMD",
+        help="another Aegis command measured beside AEGIS_CMD, e.g. an earlier commit in a venv "
+        "of its own (default: AEGIS_BASELINE_CMD, if set)",
+    )
     parser.add_argument("--no-extras", action="store_true", help="only the peers' table")
     args = parser.parse_args(argv)
-    aegis = shlex.split(os.environ.get("AEGIS_CMD", "aegis"))
-    check_tools(aegis)
+    aegis = {AEGIS: shlex.split(os.environ.get("AEGIS_CMD", "aegis"))}
+    if args.baseline:
+        aegis[BASELINE] = shlex.split(args.baseline)
+    check_tools(list(aegis.values()))
     original = args.original.resolve() if args.original else None
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}")
-    print(f"{versions(aegis)}; aegis command: {shlex.join(aegis)}")
+    print(versions(aegis))
+    print("; ".join(f"{name} command: {shlex.join(command)}" for name, command in aegis.items()))
     print(
         f"pages: small {PAGES['small']} B ({CONNECTIONS['small']} connections), large "
         f"{PAGES['large']} B ({CONNECTIONS['large']} connections); wrk {args.seconds:g} s each"

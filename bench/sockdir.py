@@ -1,8 +1,8 @@
 """How Aegis copes with a crowded socket directory (issue 10): run ``python bench/sockdir.py``.
 
-For 10 and for 10 000 sockets in the directory it starts the installed ``aegis`` and prints the
-latency of ``/-/sd``, ``/`` (HTML and JSON), ``/-/metrics`` and of a scrape of one live target,
-and the memory (PSS over all Aegis processes) before and after the directory's names changed
+For 10 and for 10 000 sockets in the directory it starts ``aegis`` (on PATH, or the command in
+``AEGIS_CMD``) and prints the latency of ``/-/sd``, ``/`` (HTML and JSON), ``/-/metrics`` and of a
+scrape of one live target, and Aegis's memory (PSS) before and after the directory's names changed
 completely several times and 20 000 unknown names were asked for. Only loopback is used; every
 file lives in a temporary directory that is removed at the end.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -64,19 +65,10 @@ def free_port() -> int:
 
 
 def pss_kb(pid: int) -> int:
-    total = 0
-    for p in [pid, *children(pid)]:
-        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1])
-    return total
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
 
 
 def timed(conn: http.client.HTTPConnection, path: str, n: int, **headers: str) -> list[float]:
@@ -97,7 +89,7 @@ def row(label: str, took: list[float]) -> str:
     return f"  {label:<24} median {statistics.median(took):7.2f} ms   p95 {p95:7.2f} ms"
 
 
-def run(count: int, workers: int, rounds: int) -> None:
+def run(count: int, rounds: int) -> None:
     base = Path(tempfile.mkdtemp(prefix="aegis-sockdir-bench-"))
     sockdir = base / "run"
     sockdir.mkdir()
@@ -108,9 +100,9 @@ def run(count: int, workers: int, rounds: int) -> None:
     port = free_port()
     aegis = subprocess.Popen(
         [
-            shutil.which("aegis") or "aegis",
+            *shlex.split(os.environ.get("AEGIS_CMD", "aegis")),
             *("--web.listen-address", f"127.0.0.1:{port}", "--sockdir", str(sockdir)),
-            *("--workers", str(workers), "--log.level", "warning"),
+            *("--log.level", "warning"),
         ]
     )
     try:
@@ -127,7 +119,7 @@ def run(count: int, workers: int, rounds: int) -> None:
                 pass
             assert time.monotonic() < deadline, "aegis did not serve /live in 20 s"
             time.sleep(0.05)
-        print(f"{count} sockets, --workers {workers}:")
+        print(f"{count} sockets:")
         timed(conn, "/-/sd", 5)  # warm: the first listing stats every entry
         print(row("/-/sd", timed(conn, "/-/sd", rounds)))
         print(row("/ (HTML)", timed(conn, "/", rounds)))
@@ -148,7 +140,7 @@ def run(count: int, workers: int, rounds: int) -> None:
             timed(conn, f"/{uuid.uuid4().hex}", 1)
         after = pss_kb(aegis.pid)
         print(
-            f"  memory (PSS, all processes): {before / 1024:.1f} MB after start, "
+            f"  memory (PSS): {before / 1024:.1f} MB after start, "
             f"{after / 1024:.1f} MB after {3 * (count - 1)} more names came and went "
             "and 20 000 unknown names"
         )
@@ -164,7 +156,6 @@ def run(count: int, workers: int, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=50, help="requests per endpoint")
     parser.add_argument("--counts", default="10,10000", help="socket counts to compare")
     args = parser.parse_args()
@@ -172,7 +163,7 @@ def main() -> None:
         serve_upstream(args.upstream)
         return
     for count in map(int, args.counts.split(",")):
-        run(count, args.workers, args.rounds)
+        run(count, args.rounds)
 
 
 if __name__ == "__main__":
