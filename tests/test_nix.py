@@ -187,17 +187,22 @@ def test_nix_file_parses(path: str) -> None:
     nix("--parse", path)
 
 
-def test_flake_lock_pins_nixos_25_11() -> None:
+def test_flake_lock_pins_nixos_26_05() -> None:
     lock = json.loads((REPO / "flake.lock").read_text())
     assert lock["version"] == 7
     node = lock["nodes"][lock["nodes"][lock["root"]]["inputs"]["nixpkgs"]]
     assert node["original"] == {
         "owner": "NixOS",
         "repo": "nixpkgs",
-        "ref": "nixos-25.11",
+        "ref": "nixos-26.05",
         "type": "github",
     }
-    assert node["locked"]["rev"] == "8fd9daa3db09ced9700431c5b7ad0e8ba199b575"
+    locked = node["locked"]
+    assert locked["rev"] == "b18a4b905f8d028dc4476412e6d6891728695379"
+    assert (locked["owner"], locked["repo"], locked["type"]) == ("NixOS", "nixpkgs", "github")
+    # Nix refuses a lock whose narHash is not an SRI SHA-256 of a source tree.
+    assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", locked["narHash"])
+    assert isinstance(locked["lastModified"], int)
 
 
 # --- the module, evaluated with nixpkgs' lib --------------------------------
@@ -886,7 +891,7 @@ def flake(nixpkgs_lib: Path) -> Any:
 
 def test_flake_outputs_are_wired_for_each_system(flake: Any) -> None:
     systems = ["aarch64-linux", "x86_64-linux"]
-    assert flake["inputs"] == "github:NixOS/nixpkgs/nixos-25.11"
+    assert flake["inputs"] == "github:NixOS/nixpkgs/nixos-26.05"
     assert flake["systems"] == dict.fromkeys(
         ["apps", "checks", "devShells", "formatter", "packages"], systems
     )
