@@ -296,7 +296,32 @@ def test_targets_under_tmp_or_home_stay_visible(nixpkgs_lib: Path) -> None:
 def test_a_web_config_file_the_sandbox_hides_is_refused(nixpkgs_lib: Path, path: str) -> None:
     [message] = eval_module(nixpkgs_lib, {"webConfigFile": path})["failedAssertions"]
     assert f'within.services.aegis.webConfigFile is "{path}"' in message
-    assert "private /tmp and without /home, /root and /run/user" in message
+    setting = "PrivateTmp" if "tmp/" in path else "ProtectHome"
+    assert f"which the service cannot read: its unit has {setting} (" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "socket"),
+    [
+        ("/tmp/web.yml", "/tmp/app/metrics.sock"),
+        ("/var/tmp/aegis/web.yml", "/tmp/app/metrics.sock"),
+        ("/home/alice/web.yml", "/home/alice/app.sock"),
+        ("/run/user/1000/web.yml", "/root/app.sock"),
+    ],
+)
+def test_a_web_config_file_where_a_served_socket_opens_the_sandbox_is_accepted(
+    nixpkgs_lib: Path, path: str, socket: str
+) -> None:
+    """A socket under /tmp or /home makes the unit show those (PrivateTmp off, ProtectHome
+    read-only), and the web configuration can then be read there too."""
+    settings = {"webConfigFile": path, "targets": {"app": {"socket": socket}}}
+    assert eval_module(nixpkgs_lib, settings)["failedAssertions"] == []
+
+
+def test_a_socket_under_tmp_does_not_open_home_for_the_web_config(nixpkgs_lib: Path) -> None:
+    settings = {"webConfigFile": "/root/web.yml", "targets": {"app": {"socket": "/tmp/a.sock"}}}
+    [message] = eval_module(nixpkgs_lib, settings)["failedAssertions"]
+    assert "its unit has ProtectHome (" in message
 
 
 @pytest.mark.parametrize("path", ["/run/secrets/web.yml", "/etc/aegis/web.yml", "/srv/tmp/web.yml"])
