@@ -1,7 +1,7 @@
 {
   description = "Aegis: the Prometheus metrics of services on Unix sockets, served over one TCP port";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
     { self, nixpkgs }:

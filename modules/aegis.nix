@@ -40,10 +40,24 @@ let
     "/run/user/"
   ];
 
+  # What the unit's final settings hide, as systemd reads them: the module's
+  # own, which a socket under /tmp or /home relaxes, or a user's override.
   # A path literal is copied into the Nix store, which the sandbox leaves
   # visible; only a string names a file where it is.
+  unitConfig = config.systemd.services.aegis.serviceConfig;
+  hidesTmp = lib.elem (unitConfig.PrivateTmp or false) [
+    true
+    "yes"
+    "disconnected"
+  ];
+  hidesHome = lib.elem (unitConfig.ProtectHome or false) [
+    true
+    "yes"
+    "tmpfs"
+  ];
   webConfigHidden =
-    builtins.isString cfg.webConfigFile && under (tmpDirs ++ homeDirs) cfg.webConfigFile;
+    builtins.isString cfg.webConfigFile
+    && (hidesTmp && under tmpDirs cfg.webConfigFile || hidesHome && under homeDirs cfg.webConfigFile);
 
   targetFlag =
     name: target:
@@ -143,10 +157,11 @@ in
         path literal is copied into the world-readable Nix store; give a
         string for a file that holds private keys.
 
-        The service has a private {file}`/tmp` and no {file}`/home`,
-        {file}`/root` or {file}`/run/user`, so a string under one of those is
-        refused; the certificate and key files the configuration names must
-        be outside them too, such as under {file}`/run/secrets` or
+        The service has a private {file}`/tmp` and {file}`/var/tmp` and no
+        {file}`/home`, {file}`/root` or {file}`/run/user`, unless a socket it
+        serves is there (then it sees them, read-only), so a string the unit
+        hides is refused; the certificate and key files the configuration
+        names must be visible too, such as under {file}`/run/secrets` or
         {file}`/etc`.
       '';
     };
@@ -186,7 +201,12 @@ in
         assertion = !webConfigHidden;
         message = ''
           within.services.aegis.webConfigFile is "${toString cfg.webConfigFile}",
-          which the service cannot read: it runs with a private /tmp and without /home, /root and /run/user.
+          which the service cannot read: its unit has ${
+            if hidesTmp && under tmpDirs cfg.webConfigFile then
+              "PrivateTmp (a /tmp and /var/tmp of its own)"
+            else
+              "ProtectHome (no /home, /root and /run/user)"
+          }.
           Put the file, and the certificate and key files it names, elsewhere, such as under /run/secrets or /etc.
         '';
       }

@@ -321,7 +321,8 @@ in
     with subtest("a killed aegis is restarted after RestartSec"):
         main = server.succeed("systemctl show -P MainPID aegis.service").strip()
         server.succeed(f"kill -9 {main}")
-        # Waiting out RestartSec (30 s) before it starts again.
+        # Waiting out RestartSec (30 s) before it starts again. Seconds as ints: 26.05's driver
+        # types timeout as int (mypy checks this script); timedelta came later, ints still taken.
         server.wait_until_succeeds("test \"$(systemctl show -P SubState aegis.service)\" = auto-restart", timeout=20)
         server.wait_until_succeeds("test \"$(systemctl show -P NRestarts aegis.service)\" = 1", timeout=90)
         server.wait_for_unit("aegis.service")

@@ -34,6 +34,14 @@ needs_aegis = pytest.mark.skipif(
     AEGIS is None, reason="the aegis executable is not installed (pip install -e './pkgs/aegis')"
 )
 
+# setpriv's arguments for root without the capabilities that ignore file modes, so that a mode
+# refuses it like any user. Both sets: root's exec takes the inheritable set into the permitted
+# one, and systemd-nspawn, unlike a login shell, hands its payload a full inheritable set.
+WITHOUT_DAC = (
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+)
+
 
 def child_env(**extra: str) -> dict[str, str]:
     """The test's environment for a child: it runs the installed package as installed, never a

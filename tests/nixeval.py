@@ -34,7 +34,7 @@ class NixError(Exception):
     pass
 
 
-# nixpkgs' lib (25.11), shared read-only next to the repository by every developer and CI.
+# nixpkgs' lib (26.05), shared read-only next to the repository by every developer and CI.
 SHARED_NIXPKGS_LIB = REPO.parent / "shared" / "nixpkgs-lib" / "lib"
 
 

@@ -187,17 +187,22 @@ def test_nix_file_parses(path: str) -> None:
     nix("--parse", path)
 
 
-def test_flake_lock_pins_nixos_25_11() -> None:
+def test_flake_lock_pins_nixos_26_05() -> None:
     lock = json.loads((REPO / "flake.lock").read_text())
     assert lock["version"] == 7
     node = lock["nodes"][lock["nodes"][lock["root"]]["inputs"]["nixpkgs"]]
     assert node["original"] == {
         "owner": "NixOS",
         "repo": "nixpkgs",
-        "ref": "nixos-25.11",
+        "ref": "nixos-26.05",
         "type": "github",
     }
-    assert node["locked"]["rev"] == "8fd9daa3db09ced9700431c5b7ad0e8ba199b575"
+    locked = node["locked"]
+    assert locked["rev"] == "b18a4b905f8d028dc4476412e6d6891728695379"
+    assert (locked["owner"], locked["repo"], locked["type"]) == ("NixOS", "nixpkgs", "github")
+    # Nix refuses a lock whose narHash is not an SRI SHA-256 of a source tree.
+    assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", locked["narHash"])
+    assert isinstance(locked["lastModified"], int)
 
 
 # --- the module, evaluated with nixpkgs' lib --------------------------------
@@ -291,7 +296,32 @@ def test_targets_under_tmp_or_home_stay_visible(nixpkgs_lib: Path) -> None:
 def test_a_web_config_file_the_sandbox_hides_is_refused(nixpkgs_lib: Path, path: str) -> None:
     [message] = eval_module(nixpkgs_lib, {"webConfigFile": path})["failedAssertions"]
     assert f'within.services.aegis.webConfigFile is "{path}"' in message
-    assert "private /tmp and without /home, /root and /run/user" in message
+    setting = "PrivateTmp" if "tmp/" in path else "ProtectHome"
+    assert f"which the service cannot read: its unit has {setting} (" in message
+
+
+@pytest.mark.parametrize(
+    ("path", "socket"),
+    [
+        ("/tmp/web.yml", "/tmp/app/metrics.sock"),
+        ("/var/tmp/aegis/web.yml", "/tmp/app/metrics.sock"),
+        ("/home/alice/web.yml", "/home/alice/app.sock"),
+        ("/run/user/1000/web.yml", "/root/app.sock"),
+    ],
+)
+def test_a_web_config_file_where_a_served_socket_opens_the_sandbox_is_accepted(
+    nixpkgs_lib: Path, path: str, socket: str
+) -> None:
+    """A socket under /tmp or /home makes the unit show those (PrivateTmp off, ProtectHome
+    read-only), and the web configuration can then be read there too."""
+    settings = {"webConfigFile": path, "targets": {"app": {"socket": socket}}}
+    assert eval_module(nixpkgs_lib, settings)["failedAssertions"] == []
+
+
+def test_a_socket_under_tmp_does_not_open_home_for_the_web_config(nixpkgs_lib: Path) -> None:
+    settings = {"webConfigFile": "/root/web.yml", "targets": {"app": {"socket": "/tmp/a.sock"}}}
+    [message] = eval_module(nixpkgs_lib, settings)["failedAssertions"]
+    assert "its unit has ProtectHome (" in message
 
 
 @pytest.mark.parametrize("path", ["/run/secrets/web.yml", "/etc/aegis/web.yml", "/srv/tmp/web.yml"])
@@ -886,7 +916,7 @@ def flake(nixpkgs_lib: Path) -> Any:
 
 def test_flake_outputs_are_wired_for_each_system(flake: Any) -> None:
     systems = ["aarch64-linux", "x86_64-linux"]
-    assert flake["inputs"] == "github:NixOS/nixpkgs/nixos-25.11"
+    assert flake["inputs"] == "github:NixOS/nixpkgs/nixos-26.05"
     assert flake["systems"] == dict.fromkeys(
         ["apps", "checks", "devShells", "formatter", "packages"], systems
     )

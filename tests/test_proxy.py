@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import bcrypt
 import pytest
-from aegisrun import Children, free_port, needs_aegis
+from aegisrun import WITHOUT_DAC, Children, free_port, needs_aegis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
@@ -422,7 +422,7 @@ async def test_permission_denied_is_502_and_the_log_names_file_and_group(
         f"127.0.0.1:{port}",
         "-sockdir",
         str(sockdir),
-        prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
+        prefix=("setpriv", *WITHOUT_DAC),
     )
     await aegis.ready("127.0.0.1", port)
     async with (

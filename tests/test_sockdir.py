@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aegisrun import Children, free_port, fresh_get, needs_aegis
+from aegisrun import WITHOUT_DAC, Children, free_port, fresh_get, needs_aegis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -268,7 +268,7 @@ async def test_an_unreadable_directory_is_logged_once_per_change(
     aegis = children.start(
         *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
         *("--target", f"explicit={tmp_path / 'explicit.sock'}"),
-        prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
+        prefix=("setpriv", *WITHOUT_DAC),
     )
     await aegis.ready("127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"
@@ -421,7 +421,7 @@ async def test_a_listable_unsearchable_directory_of_links_fails_discovery(
     port = free_port()
     aegis = children.start(
         *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
-        prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
+        prefix=("setpriv", *WITHOUT_DAC),
     )
     await aegis.ready("127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"

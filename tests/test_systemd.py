@@ -1,19 +1,26 @@
 """The NixOS module's own unit under a real systemd: Debian's, booted in systemd-nspawn.
 
+Two systems are booted, each test running on both: this machine's own (Debian 12, systemd 252,
+the tests' Python) and the Debian 13 root that ``.ci/debian13`` makes (systemd 257, Python 3.13,
+as nixpkgs 26.05 has them), running the aegis installed in that root's venv with nixpkgs'
+versions of the dependencies.
+
 modules/aegis.nix, evaluated with nixpkgs' real lib (tests/nix/eval-module.nix, as in
 test_nix.py), gives systemd.services.aegis, users.users, users.groups and
 systemd.tmpfiles.settings. They are written here as a unit file, a sysusers.d and a tmpfiles.d
-file, as NixOS writes them, and bound into a container that boots the host's own /usr
-(``--directory=/ --volatile=yes``) into a target of its own, so that only the units under test
-start. The container shares the host's network: the test scrapes Aegis from outside.
+file, as NixOS writes them, and bound into a container that boots the system's /usr
+(``--directory=/ --volatile=yes`` for this machine's) into a target of its own, so that only the
+units under test start. The container shares the host's network: the test scrapes Aegis from
+outside.
 
 The package: the module is evaluated with its store path at PACKAGE, whose bin/aegis, written
-here, runs the interpreter running these tests on the packages they import, as Nix's Python
-wrapper runs a store interpreter on the store's packages. The interpreter's prefix and those
-package directories are bound into the container under /opt/aegis-test, because the unit's
-ProtectHome hides /root and /home and its PrivateTmp hides /tmp. Every other setting is the
-module's, as rendered. What NixOS adds besides (Environment=PATH and friends, the wantedBy
-symlinks) is left out: the test's target wants the units instead.
+here, runs an installed aegis, as Nix's Python wrapper runs a store interpreter on the store's
+packages. On this machine that is the interpreter running these tests on the packages they
+import, whose prefix and package directories are bound into the container under
+/opt/aegis-test, because the unit's ProtectHome hides /root and /home and its PrivateTmp hides
+/tmp. In the Debian 13 root it is the root's venv, which --volatile=yes keeps: it is under /usr.
+Every other setting is the module's, as rendered. What NixOS adds besides (Environment=PATH and
+friends, the wantedBy symlinks) is left out: the test's target wants the units instead.
 
 Root only; needs systemd-nspawn (Debian: systemd-container) and nix-instantiate with a nixpkgs
 lib. The container is always torn down, and every wait is bounded.
@@ -53,6 +60,10 @@ NSENTER = shutil.which("nsenter")
 
 pytestmark = [
     pytest.mark.skipif(
+        Path("/etc/aegis-ci-root").is_file(),
+        reason="inside the Debian 13 root of .ci/debian13: the host's run of this file boots it",
+    ),
+    pytest.mark.skipif(
         os.geteuid() != 0, reason="booting a container with systemd-nspawn needs root"
     ),
     pytest.mark.skipif(
@@ -69,6 +80,9 @@ LISTEN_SOCKET = "/run/aegis/aegis.sock"
 WEB_DIR = "/etc/aegis"
 TARGET = "aegis-test.target"
 USER, PASSWORD = "prometheus", "scrape-secret"
+# Where .ci/debian13 makes the Debian 13 root, and the venv in it with nixpkgs' versions.
+DEBIAN13 = Path(os.environ.get("AEGIS_DEBIAN13_ROOT", "/var/cache/aegis-ci/debian13"))
+DEBIAN13_VENV = "/usr/local/aegis-ci/nixpkgs"
 BOOT_WITHIN = 90.0
 # Without systemd as the host's init there is no machined to register with and no manager to ask
 # for a scope: the container then stays in the test's own cgroup.
@@ -163,12 +177,12 @@ def installed_here() -> Installed:
     return found
 
 
-def write_package(root: Path, installed: Installed) -> None:
-    """PACKAGE's bin/aegis and bin/python, and the fake exporter."""
+def package_here(installed: Installed) -> dict[str, str]:
+    """PACKAGE's bin/aegis and bin/python, running the tests' interpreter and packages."""
     [entry] = [e for e in metadata.entry_points(group="console_scripts") if e.name == "aegis"]
     module, _, function = entry.value.partition(":")
     environment = f"LD_LIBRARY_PATH={installed.library_path} " if installed.library_path else ""
-    files = {
+    return {
         "bin/python": f'#!/bin/sh\n{environment}exec {installed.python} -s "$@"\n',
         "bin/aegis": f'#!/bin/sh\nexec {PACKAGE}/bin/python {PACKAGE}/lib/aegis "$@"\n',
         "lib/aegis": (
@@ -177,6 +191,44 @@ def write_package(root: Path, installed: Installed) -> None:
             f"from {module} import {function}\n"
             f"sys.exit({function}())\n"
         ),
+    }
+
+
+def package_in_venv(venv: str) -> dict[str, str]:
+    """PACKAGE's bin/aegis and bin/python, running a venv's."""
+    return {
+        "bin/python": f'#!/bin/sh\nexec {venv}/bin/python -s "$@"\n',
+        "bin/aegis": f'#!/bin/sh\nexec {venv}/bin/aegis "$@"\n',
+    }
+
+
+def debian13_root() -> Path | str:
+    """The Debian 13 root with this checkout's aegis installed in its venv, or why there is none.
+    A venv installed from other sources would test other code under the same name."""
+    if not (DEBIAN13 / "etc" / "aegis-ci-root").is_file():
+        return f"no Debian 13 root at {DEBIAN13} (.ci/debian13 root makes one)"
+    venv = DEBIAN13 / DEBIAN13_VENV.lstrip("/")
+    how = "(.ci/debian13 venv nixpkgs .ci/nixpkgs-26.05.txt installs it)"
+    installed = list(venv.glob("lib/python3*/site-packages/aegis"))
+    if len(installed) != 1 or not (venv / "bin" / "aegis").is_file():
+        return f"no aegis in a venv at {venv} {how}"
+    source = REPO / "pkgs" / "aegis" / "aegis"
+    names = {p.name for p in source.glob("*.py")} | {p.name for p in installed[0].glob("*.py")}
+    differ = sorted(
+        name
+        for name in names
+        if not (source / name).is_file()
+        or not (installed[0] / name).is_file()
+        or (source / name).read_bytes() != (installed[0] / name).read_bytes()
+    )
+    if differ:
+        return f"the aegis in {venv} is not this checkout's ({', '.join(differ)}) {how}"
+    return DEBIAN13
+
+
+def write_package(root: Path, files: dict[str, str]) -> None:
+    """PACKAGE's files, and the fake exporter."""
+    files = files | {
         "lib/fake_exporter.py": (REPO / "nixos-tests" / "fake_exporter.py").read_text(),
     }
     for name, text in files.items():
@@ -214,14 +266,14 @@ def write_web_config(root: Path) -> trustme.CA:
 class Container:
     """One booted container; commands run in it with nsenter."""
 
-    def __init__(self, name: str, binds: dict[str, Path], log: Path) -> None:
+    def __init__(self, name: str, directory: Path, binds: dict[str, Path], log: Path) -> None:
         assert NSPAWN is not None
         self.log = log
         argv = [
             NSPAWN,
             "--quiet",
             *HOST_WITHOUT_SYSTEMD,
-            "--directory=/",
+            f"--directory={directory}",
             "--volatile=yes",
             f"--machine={name}",
             *(f"--bind-ro={host}:{inside}" for inside, host in binds.items()),
@@ -350,12 +402,23 @@ UMask=0007
 """
 
 
-@pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+@pytest.fixture(scope="module", params=["debian12-host", "debian13"])
+def booted(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Booted]:
     lib = find_nixpkgs_lib()
     if isinstance(lib, str):
         pytest.skip(lib)
-    tmp = tmp_path_factory.mktemp("nspawn")
+    if request.param == "debian13":
+        system = debian13_root()
+        if isinstance(system, str):
+            pytest.skip(system)
+        package, package_binds = package_in_venv(DEBIAN13_VENV), {}
+    else:
+        system = Path("/")
+        installed = installed_here()
+        package, package_binds = package_here(installed), installed.binds
+    tmp = tmp_path_factory.mktemp(f"nspawn-{request.param}")
     port = free_port()
     rendered = eval_module(
         lib,
@@ -390,9 +453,8 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         (tmp / name).write_text(text)
     (tmp / "web").mkdir()
     ca = write_web_config(tmp / "web")
-    installed = installed_here()
-    write_package(tmp / "package", installed)
-    binds = installed.binds | {
+    write_package(tmp / "package", package)
+    binds = package_binds | {
         "/etc/systemd/system": tmp / "system",
         "/etc/sysusers.d": tmp / "sysusers.d",
         "/etc/tmpfiles.d": tmp / "tmpfiles.d",
@@ -403,7 +465,9 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         if directory.is_relative_to(tmp):  # the host's own directories stay as they are
             directory.chmod(0o755)
 
-    container = Container(f"aegis-test-{os.getpid()}", binds, tmp / "nspawn.log")
+    container = Container(
+        f"aegis-test-{os.getpid()}-{request.param}", system, binds, tmp / "nspawn.log"
+    )
     try:
         container.wait_booted()
         container.wait_active("fake-local.service")
