@@ -881,3 +881,69 @@ async def test_a_scraper_too_slow_for_its_own_deadline_is_not_the_services_timeo
     assert registry.get_sample_value("aegis_upstream_errors_total", errors) == 1
     timeout = {"target": "big", "kind": "timeout"}
     assert registry.get_sample_value("aegis_upstream_errors_total", timeout) is None
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308, 399])
+@pytest.mark.parametrize("framing", ["length", "chunked", "none"])
+async def test_an_upstream_redirect_is_a_counted_502_never_followed(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    status: int,
+    framing: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service that answers with a redirect would send the scraper, with the credentials it
+    has for Aegis, wherever it likes: a real client that follows redirects never gets there."""
+    stolen: list[dict[str, str]] = []
+
+    async def attacker(request: web.Request) -> web.Response:
+        stolen.append(dict(request.headers))
+        return web.Response(text="up 1\n")
+
+    elsewhere = web.Application()
+    elsewhere.router.add_get("/steal", attacker)
+    runner = web.AppRunner(elsewhere, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    body = {
+        "length": b"Content-Length: 5\r\n\r\nmoved",
+        "chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nmoved\r\n0\r\n\r\n",
+        "none": b"Content-Length: 0\r\n\r\n",
+    }[framing]
+    location = b"Location: http://127.0.0.1:%d/steal\r\n" % port
+    answer = b"HTTP/1.1 %d Moved\r\n%s%s" % (status, location, body)
+    await upstreams.raw(sockdir / "svc.sock", answer_once(answer))
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    try:
+        auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:secret").decode()}
+        async with aiohttp.ClientSession() as session:
+            response = await session.get(client.make_url("/svc"), headers=auth)  # follows them
+            assert response.status == 502
+            text = await response.text()
+        assert "Location" not in response.headers
+        assert "steal" not in text
+        assert stolen == []
+        assert registry.get_sample_value(
+            "aegis_upstream_errors_total", {"target": "svc", "kind": "redirect"}
+        )
+        assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"})
+        assert "Traceback" not in caplog.text
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_304_is_still_relayed(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """Not a redirect: only ever the answer to the scraper's own conditional request."""
+    await upstreams.raw(
+        sockdir / "svc.sock", answer_once(b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n')
+    )
+    client = await aegis()
+    response = await client.get("/svc", headers={"If-None-Match": '"x"'})
+    assert response.status == 304
+    assert response.headers["ETag"] == '"x"'

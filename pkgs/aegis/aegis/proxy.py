@@ -85,6 +85,7 @@ FAILURE_STATUS = {
     "stale": 502,
     "truncated": 502,
     "protocol": 502,
+    "redirect": 502,
     "too_large": 502,
     "internal": 502,
     "timeout": 504,

@@ -7,8 +7,10 @@ keep-alive connections per socket *identity* (device and inode), so connections 
 across sockets and a service that replaced its socket file gets fresh ones.
 
 Everything an upstream sends is bounded or refused: a response head (interim answers included)
-over :data:`MAX_HEAD` bytes, a status outside 100-599, a switch of protocol (101), and bytes
-that do not parse are each an :class:`UpstreamError`; bytes after a complete answer, in the same
+over :data:`MAX_HEAD` bytes, a status outside 100-599, a switch of protocol (101), a redirect
+(any 3xx but 304: a metrics endpoint never redirects, and a scraper that followed one would take
+its credentials for Aegis wherever the service pointed it), and bytes that do not parse are each
+an :class:`UpstreamError`; bytes after a complete answer, in the same
 read or while the connection is idle, are never read as part of any answer (the connection is
 dropped instead of reused). An unsolicited answer that arrives only after the connection was
 reused cannot be told from the answer to the new request (HTTP/1.1 has no request ids): it is
@@ -270,6 +272,14 @@ class Exchange(asyncio.Protocol):
             self._stop(UpstreamError("protocol", f"upstream answered with status {status:03d}"))
         if self._head_size > MAX_HEAD:
             self._stop(UpstreamError("too_large", f"response head over {MAX_HEAD} bytes"))
+        if 300 <= status < 400 and status != 304:
+            # Never relayed: Prometheus follows redirects, with the credentials it has for Aegis.
+            self._stop(
+                UpstreamError(
+                    "redirect",
+                    f"upstream answered {status}: a metrics endpoint does not redirect",
+                )
+            )
         if status < 200:
             # An interim answer (e.g. 103 Early Hints); the real one follows. Its bytes still
             # count towards the head's bound, so endless interim answers are refused too.
