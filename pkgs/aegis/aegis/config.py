@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from .discovery import ExternalURL
 from .targets import Target, check_name
+from .upstream import MAX_IDLE_PER_SOCKET
 
 # Prometheus' units (model.ParseDuration), biggest first: a year is 365 days, a week 7.
 _UNITS = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
@@ -92,9 +93,9 @@ class Config:
     scrape_timeout: float = 10.0
     #: Subtracted from the scraper's own timeout so that Aegis answers 504 before it gives up.
     timeout_offset: float = 0.5
-    #: Idle keep-alive connections kept per upstream socket.
-    max_idle_per_socket: int = 64
-    #: Seconds an idle upstream connection is kept for reuse.
+    #: Idle keep-alive connections kept per upstream socket (a few: see aegis.upstream).
+    max_idle_per_socket: int = MAX_IDLE_PER_SOCKET
+    #: Seconds an idle upstream connection is kept for reuse; then it is closed, on its own.
     upstream_idle_timeout: float = 60.0
     #: How scrapers reach Aegis (``https://host:port/prefix``), for ``/-/sd``; "" means the way
     #: each client did (its Host header).
