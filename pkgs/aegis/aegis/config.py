@@ -107,6 +107,12 @@ class Config:
     max_concurrent: int = 256
     #: The same for each target, so one slow service cannot take every slot.
     max_concurrent_per_target: int = 64
+    #: (st_dev, st_ino) of the socket files this Aegis listens on (its ``unix:`` listeners,
+    #: those systemd passes): a target that is one of them is refused (508, kind ``loop``)
+    #: rather than proxied to itself. The program fills it in, with
+    #: :func:`aegis.targets.socket_file_identity` of each listening socket; a loop it does not
+    #: know of ends one hop later, at Aegis's own ``Via``.
+    listener_sockets: frozenset[tuple[int, int]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sockdir", Path(self.sockdir))
@@ -130,6 +136,7 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_idle_per_socket < 0:
             raise ConfigError("max_idle_per_socket must not be negative")
+        object.__setattr__(self, "listener_sockets", frozenset(self.listener_sockets))
         object.__setattr__(self, "route_prefix", normalize_route_prefix(self.route_prefix))
         if self.external_url:
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import Mapping
@@ -111,6 +112,22 @@ def fits_an_address(path: str | os.PathLike[str]) -> bool:
     if path.isascii():
         return len(path) <= MAX_SOCKET_ADDRESS
     return len(os.fsencode(path)) <= MAX_SOCKET_ADDRESS
+
+
+def socket_file_identity(sock: socket.socket) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file a Unix socket is bound to: what a target that names the
+    same socket resolves to (:attr:`Endpoint.identity`). None for other sockets (TCP, abstract,
+    unnamed) and for a file that is gone or was replaced by something else."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    name = sock.getsockname()
+    if not isinstance(name, str) or not name or name.startswith("\0"):
+        return None
+    try:
+        st = os.stat(name)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,8 @@ from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .logs import RateLimited
-from .proxy import CREDENTIALS_CHECKED
+from .protocol import RequestCheck
+from .proxy import CREDENTIALS_CHECKED, client_address
 from .webconfig import RateLimit, WebConfig
 
 __all__ = ["setup_web_config"]
@@ -46,8 +47,10 @@ def setup_web_config(app: web.Application, config: WebConfig) -> None:
         mws.append(_rate_limiter(config.rate_limit))
     if config.users:
         mws.append(_BasicAuth(config.users).middleware)
-    # In front of the app's own middlewares, so none of them can answer before auth.
-    for i, mw in enumerate(mws):
+    # In front of the app's own middlewares, so none of them can answer before auth; only the
+    # proxy's check that a request is HTTP/1.x with a valid Host goes before.
+    first = 1 if app.middlewares and isinstance(app.middlewares[0], RequestCheck) else 0
+    for i, mw in enumerate(mws, first):
         app.middlewares.insert(i, mw)
     headers = dict(config.headers)
     if headers:
@@ -108,7 +111,7 @@ class _BasicAuth:
         refused = await self._check(request.headers.get("Authorization"))
         if refused is not None:
             user, reason = refused
-            fields = {"user": user, "reason": reason, "remote": request.remote or ""}
+            fields = {"user": user, "reason": reason, "remote": client_address(request)}
             self._refusals.log("refused credentials", fields)
             return web.Response(
                 status=401, text="Unauthorized", headers={"WWW-Authenticate": "Basic"}
