@@ -62,6 +62,7 @@ POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
 WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
+ANSWERS_KEY = web.AppKey("aegis_answers", discovery.Answers)
 #: Failed scrapes' log lines: one a minute per kind of failure and target, whatever a client
 #: (or a broken service) makes happen; the rest at debug level, counted in the next line.
 FAILURES_KEY = web.AppKey("aegis_failure_log", Throttled)
@@ -162,11 +163,13 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
     app.on_response_prepare.append(protocol.drop_server_header)
     external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
 
-    async def landing(request: web.Request) -> web.Response:
-        return await discovery.landing(request, targets)
+    answers = app[ANSWERS_KEY] = discovery.Answers()
 
-    async def service_discovery(request: web.Request) -> web.Response:
-        return await discovery.service_discovery(request, targets, external)
+    async def landing(request: web.Request) -> web.StreamResponse:
+        return await discovery.landing(request, targets, answers)
+
+    async def service_discovery(request: web.Request) -> web.StreamResponse:
+        return await discovery.service_discovery(request, targets, external, answers)
 
     async def own_metrics(request: web.Request) -> web.Response:
         return await serve_metrics(request, registry)

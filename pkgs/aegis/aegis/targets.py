@@ -204,7 +204,7 @@ class Endpoint:
 class Targets:
     """Resolves names against the explicit targets first, then the socket directory."""
 
-    __slots__ = ("_explicit", "_kinds", "_listing", "_pinned", "_sockdir")
+    __slots__ = ("_explicit", "_kinds", "_listing", "_names", "_pinned", "_sockdir")
 
     def __init__(self, sockdir: Path, explicit: Mapping[str, Target]) -> None:
         self._sockdir = sockdir
@@ -212,6 +212,8 @@ class Targets:
         self._pinned: dict[str, _Pinned] = {}
         self._kinds: dict[str, tuple[int, bool]] = {}
         self._listing: _Listing | None = None
+        # The last names found, and them sorted: the same tuple while they stay the same.
+        self._names: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
 
     @property
     def sockdir(self) -> Path:
@@ -283,14 +285,22 @@ class Targets:
             self._pinned[socket_path] = pinned
         return pinned
 
-    def names(self) -> list[str]:
-        """Every target name: explicit ones always, and each socket in the directory now.
+    def names(self) -> tuple[str, ...]:
+        """Every target name, sorted: explicit ones always, and each socket in the directory
+        now. The very same tuple is returned for as long as the names stay the same, so what
+        is built from it can be kept (``is`` tells whether it still holds).
 
         Raises :class:`DirectoryUnavailable` when the directory cannot be listed: an empty list
         would tell service discovery that every target is gone."""
-        found = set(self._explicit)
-        found.update(self._scan())
-        return sorted(found)
+        found = self._scan()
+        if self._explicit:
+            found = found | self._explicit.keys()
+        last, names = self._names
+        if found is not last:
+            if found != last:
+                names = tuple(sorted(found))
+            self._names = (frozenset(found), names)
+        return names
 
     def count(self) -> int | None:
         """How many targets exist now; None when the directory cannot be listed."""
@@ -302,7 +312,7 @@ class Targets:
     def directory_problem(self) -> str | None:
         return directory_problem(self._sockdir)
 
-    def _scan(self) -> set[str]:
+    def _scan(self) -> frozenset[str] | set[str]:
         try:
             st = os.stat(self._sockdir)
         except OSError as exc:
@@ -316,6 +326,8 @@ class Targets:
             listing = self._list(key)
             settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
             self._listing = listing if settled else None
+        if not listing.links:
+            return listing.sockets  # the same object while the directory does not change
         found = set(listing.sockets)
         for link in listing.links:  # what a link points at may change with no trace here
             try:
