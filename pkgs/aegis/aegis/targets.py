@@ -6,6 +6,15 @@ configuration: ``<sockdir>/<name>.sock`` exists and is a socket, or the name is 
 in the directory may point at a socket elsewhere; that is how a service that keeps its socket in
 its own runtime directory is added.
 
+A link is followed only when it is owned by the directory's owner or by the user Aegis runs as,
+as the kernel's ``fs.protected_symlinks`` does for sticky directories: the directory is usually
+writable by a group (``3770 root:within``), and a member's link would reach any socket Aegis
+can open, a ``0600`` one of Aegis's own user included, that the member cannot open itself. Any
+other link is a 404 for its name, is left out of the lists, and is logged once (at most a line
+a minute per owner). A link is read from the link itself (its owner and its text in one open
+descriptor), so it cannot be swapped between the check and the use; a link that leads to
+another entry of the directory has that entry checked in turn.
+
 The directory itself can fail (missing, unreadable, not a directory, a symlink loop): then
 :class:`DirectoryUnavailable` says so, rather than every name looking unknown and the list empty.
 
@@ -18,7 +27,9 @@ exactly the inode that was checked.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import pwd
 import re
 import socket
 import stat
@@ -26,6 +37,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .logs import Throttled
 
 SOCKET_SUFFIX = ".sock"
 MAX_NAME_LENGTH = 100
@@ -43,6 +56,12 @@ _UPSTREAM_PATH = re.compile(r"/[\x21-\x7e]*")
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 _PROC_FD = "/proc/self/fd"
+# Links followed within the socket directory for one name (the kernel allows 40 in a path).
+_MAX_LINKS = 8
+# Untrusted links remembered as logged already (then forgotten all at once, and logged again).
+_MAX_WARNED = 1024
+
+log = logging.getLogger("aegis.sockdir")
 
 
 class BadName(ValueError):
@@ -204,11 +223,22 @@ class Endpoint:
 class Targets:
     """Resolves names against the explicit targets first, then the socket directory."""
 
-    __slots__ = ("_explicit", "_kinds", "_listing", "_names", "_pinned", "_sockdir")
+    __slots__ = (
+        "_explicit",
+        "_kinds",
+        "_link_log",
+        "_listing",
+        "_names",
+        "_pinned",
+        "_sockdir",
+        "_warned",
+    )
 
     def __init__(self, sockdir: Path, explicit: Mapping[str, Target]) -> None:
         self._sockdir = sockdir
         self._explicit = explicit
+        self._warned: set[tuple[int, int]] = set()  # untrusted links logged, by (dev, inode)
+        self._link_log = Throttled(log)
         self._pinned: dict[str, _Pinned] = {}
         self._kinds: dict[str, tuple[int, bool]] = {}
         self._listing: _Listing | None = None
@@ -231,24 +261,77 @@ class Targets:
         an explicit target's socket exists but this process may not look at it.
         """
         explicit = self._explicit.get(name)
-        if explicit is not None:
-            socket_path, upstream_path = str(explicit.socket), explicit.path
-        else:
-            check_name(name)
-            socket_path = os.path.join(self._sockdir, name + SOCKET_SUFFIX)
-            upstream_path = "/metrics"
         try:
-            st = os.stat(socket_path)
+            if explicit is not None:
+                # The operator's own: followed wherever it leads.
+                socket_path, upstream_path = str(explicit.socket), explicit.path
+                path, st = socket_path, os.stat(socket_path)
+            else:
+                check_name(name)
+                socket_path = os.path.join(self._sockdir, name + SOCKET_SUFFIX)
+                upstream_path = "/metrics"
+                path, st = self._follow(socket_path)
         except OSError as exc:
             raise self._lookup_failure(exc, socket_path, in_directory=explicit is None) from None
         if not stat.S_ISSOCK(st.st_mode):
             raise NoSuchTarget(f"{socket_path}: not a socket")
         identity = (st.st_dev, st.st_ino)
-        if fits_an_address(socket_path):
-            return Endpoint(name, socket_path, upstream_path, identity)
-        pinned = self._pin(socket_path, identity)
+        if fits_an_address(path):
+            return Endpoint(name, socket_path, upstream_path, identity, path)
+        pinned = self._pin(path, identity)
         return Endpoint(
             name, socket_path, upstream_path, identity, f"{_PROC_FD}/{pinned.fd}", pinned
+        )
+
+    def _follow(self, entry: str) -> tuple[str, os.stat_result]:
+        """The path to connect to for the directory entry ``entry``, and its status: links in
+        the socket directory are followed only when a trusted user owns them (see the module's
+        description); where a link leads outside it, the system follows the rest. Raises
+        :class:`NoSuchTarget` for a link that is not trusted, OSError as ``os.stat`` does."""
+        st = os.lstat(entry)
+        if not stat.S_ISLNK(st.st_mode):
+            return entry, st  # the common case: one system call, as a plain stat was
+        directory = os.stat(self._sockdir)
+        trusted = {directory.st_uid, os.geteuid()}
+        path = entry
+        for _ in range(_MAX_LINKS):
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                link = os.fstat(fd)
+                if not stat.S_ISLNK(link.st_mode):
+                    return path, link
+                if link.st_uid not in trusted:
+                    self._untrusted(entry, path, link, directory.st_uid)
+                    raise NoSuchTarget(f"{path}: a link owned by {_user(link.st_uid)}")
+                text = os.readlink("", dir_fd=fd)  # the text of this very link (readlinkat)
+            finally:
+                os.close(fd)
+            path = os.path.join(os.path.dirname(path), text)
+            try:
+                parent = os.stat(os.path.dirname(path) or ".")
+            except OSError:
+                parent = None
+            if parent is None or (parent.st_dev, parent.st_ino) != (
+                directory.st_dev,
+                directory.st_ino,
+            ):
+                return path, os.stat(path)  # out of the directory: the system follows it
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), entry)
+
+    def _untrusted(self, entry: str, path: str, link: os.stat_result, owner: int) -> None:
+        key = (link.st_dev, link.st_ino)
+        if key in self._warned:
+            return
+        if len(self._warned) >= _MAX_WARNED:
+            self._warned.clear()
+        self._warned.add(key)
+        via = "" if path == entry else f" (reached through {entry})"
+        self._link_log.log(
+            ("untrusted link", link.st_uid),
+            logging.WARNING,
+            f"link {path}{via} is owned by {_user(link.st_uid)}, neither the socket "
+            f"directory's owner ({_user(owner)}) nor aegis's user ({_user(os.geteuid())}): not "
+            "followed; its name is a 404 and is not listed",
         )
 
     def _lookup_failure(self, exc: OSError, socket_path: str, *, in_directory: bool) -> Exception:
@@ -331,10 +414,12 @@ class Targets:
         found = set(listing.sockets)
         for link in listing.links:  # what a link points at may change with no trace here
             try:
-                if stat.S_ISSOCK(os.stat(os.path.join(self._sockdir, link)).st_mode):
+                if stat.S_ISSOCK(self._follow(os.path.join(self._sockdir, link))[1].st_mode):
                     found.add(link[: -len(SOCKET_SUFFIX)])
-            except OSError:
-                continue  # dangling, a loop, or into a directory this process may not search
+            except (OSError, NoSuchTarget):
+                # Dangling, a loop, into a directory this process may not search, or not owned
+                # by a trusted user.
+                continue
         return found
 
     def _list(self, key: tuple[int, ...]) -> _Listing:
@@ -384,6 +469,13 @@ class _Listing:
     key: tuple[int, ...]
     sockets: frozenset[str]
     links: tuple[str, ...]
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _is_plain_socket(entry: os.DirEntry[str]) -> bool:
