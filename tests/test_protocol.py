@@ -326,3 +326,25 @@ async def test_the_real_command_never_proxies_to_itself(
     assert 'kind="loop"' in text.decode()
     assert await child.stop() == 0
     assert "Traceback" not in child.output()
+
+
+@needs_aegis
+async def test_the_real_command_writes_an_ipv4_client_of_its_default_listener_as_ipv4(
+    upstreams: Upstreams, sockdir: Path, children: Children
+) -> None:
+    """The default listener is [::]: an IPv4 client's address is ::ffff:10.99.0.2 there, and
+    was written so in X-Forwarded-For and in the log."""
+    heads = await recording_upstream(upstreams, sockdir / "svc.sock")
+    port = free_port()
+    child = children.start(
+        *("-hostport", f"[::]:{port}", "-sockdir", str(sockdir), "--log.level", "debug")
+    )
+    await child.ready("127.0.0.1", port)
+    assert (await fresh_get(f"http://127.0.0.1:{port}/svc"))[0] == 200
+    assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in heads[-1], heads[-1]
+    answer = await raw_http(port, b"GET /x HTTP/1.1\r\nHost: x\r\nX Y: 1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400 "), answer
+    assert await child.stop() == 0
+    lines = [line for line in child.output().splitlines() if "malformed request" in line]
+    assert lines, child.output()
+    assert all(" client=127.0.0.1 " in line for line in lines), lines
