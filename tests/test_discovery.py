@@ -315,7 +315,10 @@ async def test_a_kept_answer_is_dropped_when_the_names_change(
         "b",
     ]
     for accept in ("application/json", "text/html"):
-        assert "/b" in await (await client.get("/", headers={"Accept": accept})).text()
+        response = await client.get("/", headers={"Accept": accept})
+        assert "/b" in await response.text()
+        assert response.headers["Content-Type"] == f"{accept}; charset=utf-8"  # as it always was
+    assert (await client.get("/-/sd")).headers["Content-Type"] == "application/json; charset=utf-8"
     head = await client.head("/-/sd")
     assert head.status == 200
     assert int(head.headers["Content-Length"]) == len(await (await client.get("/-/sd")).read())

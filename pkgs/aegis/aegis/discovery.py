@@ -155,6 +155,7 @@ class Answers:
         (aiohttp's write waits while the transport's buffer is full)."""
         response = web.StreamResponse()
         response.content_type = content_type
+        response.charset = "utf-8"
         whole = answer if isinstance(answer, _Whole) else None
         self.sending += 1
         try:
