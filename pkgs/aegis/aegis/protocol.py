@@ -2,7 +2,8 @@
 
 * **Version.** aiohttp's parser takes ``HTTP/0.9`` and ``HTTP/2.0`` request lines and would
   answer them as if they were HTTP/1.x (with their own version in the status line). Like Go's
-  server, Aegis answers ``505 HTTP Version Not Supported`` in HTTP/1.1 and closes.
+  server, Aegis answers ``505 HTTP Version Not Supported`` in HTTP/1.x (1.1 for 2.0, 1.0 for
+  0.9) and closes.
 * **Host.** A ``Host`` header must be a host as RFC 3986 writes one: a registered name (letters,
   digits, ``-._~!$&'()*+,;=`` and ``%XX``), an IPv4 address, or an IPv6 address in brackets,
   then optionally ``:`` and a port (1 to 65535), at most :data:`MAX_HOST` bytes in all. Anything
@@ -25,6 +26,8 @@ from collections.abc import Callable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+
+from .relay import Relayed
 
 __all__ = ["MAX_HOST", "RequestCheck", "drop_server_header", "listener_address", "valid_host"]
 
@@ -72,17 +75,6 @@ def listener_address(request: web.BaseRequest) -> str | None:
     return f"{host}:{port}"
 
 
-class _OwnVersion(web.Response):
-    """An answer whose status line says HTTP/1.1 whatever the request's line said."""
-
-    async def _write_headers(self) -> None:
-        writer = self._payload_writer
-        assert writer is not None
-        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
-        if getattr(self, "_send_headers_immediately", True):
-            writer.send_headers()
-
-
 class RequestCheck:
     """The middleware that refuses a request that is not HTTP/1.x with a valid Host (see the
     module's description); ``count(request, status)`` is told of each refusal. It goes first,
@@ -96,8 +88,18 @@ class RequestCheck:
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.version.major != 1:
             self._count(request, 505)
-            response = _OwnVersion(status=505, text="only HTTP/1.0 and HTTP/1.1\n")
-            response.headers[hdrs.CONNECTION] = "close"
+            # Written as a relayed head is: aiohttp would put the request's version in the
+            # status line, and a client that speaks neither 1.0 nor 1.1 could not read it.
+            body = b"only HTTP/1.0 and HTTP/1.1\n"
+            fields = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Connection", b"close")]
+            response = Relayed(
+                505,
+                b"HTTP Version Not Supported",
+                fields,
+                has_date=False,
+                length=len(body),
+                body=body,
+            )
             response.force_close()
             return response
         host = request.headers.get(hdrs.HOST)
