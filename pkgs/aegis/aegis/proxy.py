@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import pwd
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -41,7 +42,14 @@ from .logs import Throttled
 from .metrics import ProxyMetrics, serve_metrics
 from .relay import Relayed, relayed_fields
 from .stopping import STOPPING_KEY, GracePeriod
-from .targets import BadName, DirectoryUnavailable, NoSuchTarget, Target, Targets
+from .targets import (
+    BadName,
+    DirectoryUnavailable,
+    NoSuchTarget,
+    Target,
+    Targets,
+    socket_file_identity,
+)
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
 __all__ = [
@@ -63,6 +71,9 @@ METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
 WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
 ANSWERS_KEY = web.AppKey("aegis_answers", discovery.Answers)
+#: Aegis's own Unix listeners, as loops through them showed them (see _learn_listener).
+LISTENERS_SEEN_KEY = web.AppKey("aegis_listeners_seen", set[tuple[int, int]])
+_MAX_LISTENERS_SEEN = 64
 #: Failed scrapes' log lines: one a minute per kind of failure and target, whatever a client
 #: (or a broken service) makes happen; the rest at debug level, counted in the next line.
 FAILURES_KEY = web.AppKey("aegis_failure_log", Throttled)
@@ -146,6 +157,7 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
     registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
     app[TARGETS_KEY] = targets
+    app[LISTENERS_SEEN_KEY] = set()
     watch = app[WATCH_KEY] = DirectoryWatch(targets)
     app[METRICS_KEY] = ProxyMetrics(registry, watch.count_targets)
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
@@ -362,6 +374,7 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
     if _came_through_aegis(request.raw_headers):
         # Proxied again it would come back again: through a link to one of Aegis's own
         # listeners, or between two Aegis that reach each other.
+        _learn_listener(request)
         return scrape.fail("loop", repr(name)[:120], "request already came through an aegis")
     try:
         endpoint = app[TARGETS_KEY].resolve(name)
@@ -379,7 +392,10 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
         return scrape.fail("permission", name, "permission denied", detail)
 
     scrape.target = name
-    if endpoint.identity in app[CONFIG_KEY].listener_sockets:
+    if (
+        endpoint.identity in app[CONFIG_KEY].listener_sockets
+        or endpoint.identity in app[LISTENERS_SEEN_KEY]
+    ):
         return scrape.fail(
             "loop", name, "the target is one of aegis's own listeners", endpoint.socket
         )
@@ -545,6 +561,19 @@ def client_address(request: web.BaseRequest) -> str:
             if mapped is not None:
                 return str(mapped)
     return remote
+
+
+def _learn_listener(request: web.Request) -> None:
+    """A request that came back through a Unix listener names that listener (its socket's own
+    name is the listener's file): a target that is it is refused from now on, before a
+    connection, whether the program said so (``Config.listener_sockets``) or not."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return
+    seen = request.app[LISTENERS_SEEN_KEY]
+    if len(seen) < _MAX_LISTENERS_SEEN and (identity := socket_file_identity(sock)) is not None:
+        seen.add(identity)
 
 
 def _came_through_aegis(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
