@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
+from aegisrun import has_ipv6_loopback
+from aiohttp import web
+from test_sockdir import until
 
 from aegis.config import Config, ConfigError
+from aegis.discovery import MAX_HELD_BYTES, MAX_KEPT_ANSWERS
+from aegis.protocol import MAX_HOST
+from aegis.proxy import ANSWERS_KEY, make_app
 from aegis.targets import Target
 from conftest import AegisFactory, Upstreams, raw_http
 
@@ -175,4 +183,142 @@ async def test_sd_without_host_header_still_names_an_address(
     assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
     groups = json.loads(body)
     assert groups[0]["labels"]["target"] == "app"
-    assert groups[0]["targets"][0]  # the server's own name, never empty
+    # The listener's address, port included (it was the host alone, which scrapes port 80).
+    assert groups[0]["targets"] == [f"127.0.0.1:{client.port}"]
+
+
+async def test_sd_without_host_names_the_listener_in_ipv4_form_and_never_a_unix_path(
+    upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    await upstreams.metrics(sockdir / "app.sock", "up 1\n")
+    runner = web.AppRunner(make_app(Config(sockdir=sockdir)), access_log=None)
+    await runner.setup()
+    v6 = socket.socket(socket.AF_INET6)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    v6.bind(("::", 0))
+    await web.SockSite(runner, v6).start()
+    await web.UnixSite(runner, str(tmp_path / "aegis.sock")).start()
+    port = v6.getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /-/sd HTTP/1.0\r\n\r\n")
+        body = (await reader.read(-1)).partition(b"\r\n\r\n")[2]
+        writer.close()
+        assert json.loads(body)[0]["targets"] == [f"127.0.0.1:{port}"]
+        if has_ipv6_loopback():
+            reader, writer = await asyncio.open_connection("::1", port)
+            writer.write(b"GET /-/sd HTTP/1.0\r\n\r\n")
+            body = (await reader.read(-1)).partition(b"\r\n\r\n")[2]
+            writer.close()
+            assert json.loads(body)[0]["targets"] == [f"[::1]:{port}"]
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "aegis.sock"))
+        writer.write(b"GET /-/sd HTTP/1.0\r\n\r\n")
+        answer = await reader.read(-1)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n"), answer
+        assert str(tmp_path).encode() not in answer
+        # With a Host, a Unix listener's /-/sd names it.
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "aegis.sock"))
+        writer.write(b"GET /-/sd HTTP/1.0\r\nHost: gateway:80\r\n\r\n")
+        body = (await reader.read(-1)).partition(b"\r\n\r\n")[2]
+        writer.close()
+        assert json.loads(body)[0]["targets"] == ["gateway:80"]
+    finally:
+        await runner.cleanup()
+
+
+def stale_sockets(directory: Path, count: int) -> list[str]:
+    names = [f"svc-{index:05d}" for index in range(count)]
+    for name in names:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(directory / f"{name}.sock"))
+    return names
+
+
+async def stalled(path: Path, target: str, host: str) -> socket.socket:
+    """A client that asks and reads nothing (over a Unix socket, whose buffer the kernel does
+    not grow: Aegis's writes stall after a couple of hundred kilobytes)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, str(path))
+    request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode()
+    await asyncio.get_running_loop().sock_sendall(sock, request)
+    return sock
+
+
+async def test_clients_that_read_nothing_share_one_answer_however_many_and_whatever_host(
+    sockdir: Path, tmp_path: Path
+) -> None:
+    """With thousands of sockets, every /-/sd and / used to be built per request, and a client
+    that read nothing held its own copy of it (with a 60 KB Host, 600 MB each). Now one answer
+    is built per address and shared; past a few addresses, answers are built as they are sent,
+    and no client holds more than a piece of its own."""
+    names = stale_sockets(sockdir, 10000)
+    app = make_app(Config(sockdir=sockdir))
+    answers = app[ANSWERS_KEY]
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    listener = tmp_path / "aegis.sock"
+    await web.UnixSite(runner, str(listener)).start()
+    readers: list[socket.socket] = []
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(listener))
+        writer.write(b"GET /-/sd HTTP/1.0\r\nHost: %s\r\n\r\n" % (b"h" * MAX_HOST))
+        whole = (await reader.read(-1)).partition(b"\r\n\r\n")[2]
+        writer.close()
+        assert len(whole) > 10000 * MAX_HOST
+        held = answers.held_bytes
+        assert held >= len(whole)
+        readers += [await stalled(listener, "/-/sd", "h" * MAX_HOST) for _ in range(50)]
+        readers += [await stalled(listener, "/", "aegis") for _ in range(20)]
+        await until(lambda: answers.sending == 70, "every client waited for")
+        # 50 stalled clients of a 3.4 MB answer: still the one answer, and one landing page.
+        assert held < answers.held_bytes <= held + 1024 * 1024
+        # As many distinct addresses as a client likes: whole answers stay within the bound.
+        readers += [
+            await stalled(listener, "/-/sd", f"{index:03d}" + "h" * (MAX_HOST - 3))
+            for index in range(80)
+        ]
+        await until(lambda: answers.sending == 150, "every client waited for")
+        assert answers.held_bytes <= MAX_HELD_BYTES + len(whole)
+        for sock in readers:
+            sock.close()
+        await until(lambda: answers.sending == 0, "every answer ended")
+        assert answers.held_bytes <= MAX_KEPT_ANSWERS * len(whole)  # only the kept ones now
+        # Every answer, kept or built as it is sent, is the same JSON.
+        labels = [{"__metrics_path__": f"/{name}", "target": name} for name in names]
+        for index in (0, 40, 79):
+            host = f"{index:03d}" + "h" * (MAX_HOST - 3)
+            reader, writer = await asyncio.open_unix_connection(str(listener))
+            writer.write(f"GET /-/sd HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            body = (await reader.read(-1)).partition(b"\r\n\r\n")[2]
+            writer.close()
+            assert json.loads(body) == [{"targets": [host], "labels": label} for label in labels]
+    finally:
+        for sock in readers:
+            sock.close()
+        await runner.cleanup()
+
+
+async def test_a_kept_answer_is_dropped_when_the_names_change(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    await upstreams.metrics(sockdir / "a.sock", "up 1\n")
+    client = await aegis()
+    for accept in ("application/json", "text/html"):
+        for _ in range(2):
+            assert "/a" in await (await client.get("/", headers={"Accept": accept})).text()
+    assert [g["labels"]["target"] for g in await (await client.get("/-/sd")).json()] == ["a"]
+    await upstreams.metrics(sockdir / "b.sock", "up 1\n")
+    assert [g["labels"]["target"] for g in await (await client.get("/-/sd")).json()] == [
+        "a",
+        "b",
+    ]
+    for accept in ("application/json", "text/html"):
+        response = await client.get("/", headers={"Accept": accept})
+        assert "/b" in await response.text()
+        assert response.headers["Content-Type"] == f"{accept}; charset=utf-8"  # as it always was
+    assert (await client.get("/-/sd")).headers["Content-Type"] == "application/json; charset=utf-8"
+    head = await client.head("/-/sd")
+    assert head.status == 200
+    assert int(head.headers["Content-Length"]) == len(await (await client.get("/-/sd")).read())

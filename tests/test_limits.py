@@ -277,6 +277,64 @@ async def test_keep_alive_requests_after_a_pause_are_served(
         writer.close()
 
 
+async def _open_seconds(port: int, first: bytes, trickled: bytes) -> float:
+    """Seconds a connection stays open that sends ``first`` at once, reads whatever answer it
+    gets, then trickles ``trickled`` a byte every 0.2 s (far longer than the deadline)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.monotonic()
+    try:
+        writer.write(first)
+        if first.strip(b"\r\n"):  # a whole request: its answer first
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(len(PAGE))
+        for byte in trickled:
+            writer.write(bytes([byte]))
+            try:
+                if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            raise AssertionError("a half-sent request got an answer")
+    finally:
+        writer.close()
+    return time.monotonic() - start
+
+
+@needs_aegis
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(b"\r\n\r\n", id="a-blank-line-pair"),
+        pytest.param(b"\r\n\r\n\r\n\r\n\n\n", id="empty-lines"),
+        pytest.param(GET + b"\r\n\r\n", id="empty-lines-after-a-request"),
+        pytest.param(b"\r\n\r\n" + GET, id="empty-lines-before-a-request"),
+    ],
+)
+async def test_empty_lines_before_a_trickled_head_do_not_lift_its_deadline(
+    first: bytes, sockdir: Path, upstreams: Upstreams, children: Children
+) -> None:
+    """The HTTP parser skips empty lines before a request line and answers nothing for them:
+    taken for a head, they left the next head waiting for that answer, with no deadline, until
+    the idle timeout (here 60 s). The deadline holds whatever bytes precede the head."""
+    await upstreams.metrics(sockdir / "node.sock", PAGE)
+    child, port = await children.serve(
+        sockdir, "--web.read-header-timeout=1s", "--web.idle-timeout=60s"
+    )
+    held = await asyncio.gather(*(_open_seconds(port, first, GET * 3) for _ in range(3)))
+    # Cut at the 1 s deadline, not after the ~20 s the trickle takes (loose: a shared machine).
+    assert max(held) < 6.0, held
+    # A request after empty lines is still served, and counted once.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"\r\n\r\n\n" + GET)
+        assert await reader.readuntil(b"\n") == b"HTTP/1.1 200 OK\r\n"
+    finally:
+        writer.close()
+    assert child.popen.poll() is None
+
+
 class HangingService:
     """Reads each request and never answers; counts the connections Aegis holds open to it."""
 

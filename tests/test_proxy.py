@@ -164,6 +164,41 @@ async def test_end_to_end_headers_pass_and_hop_by_hop_do_not(
     for name in ("X-Drop-Me", "Keep-Alive", "TE", "Proxy-Authorization", "Upgrade"):
         assert name not in headers
     assert headers["X-Forwarded-For"] == "192.0.2.7, 127.0.0.1"
+    # A Unix socket has no host name: the service sees localhost, and the scraper's Host aside.
+    assert headers["Host"] == "localhost"
+    assert headers["X-Forwarded-Host"] == f"127.0.0.1:{client.port}"
+    assert headers["Via"] == "1.1 aegis"
+
+
+async def test_a_service_sees_exactly_these_request_headers(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """What the README promises a service, field by field and in order, for a scraper whose
+    Connection names its own X-Forwarded-For and Via (both dropped, as any field it names)."""
+    heads = await recording_upstream(upstreams, sockdir / "svc.sock")
+    client = await aegis()
+    assert client.port is not None
+    request = (
+        b"GET /svc?x=1 HTTP/1.1\r\nHost: metrics.example:31337\r\nUser-Agent: Prometheus/3.5\r\n"
+        b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Host: evil.example\r\nVia: 1.1 squid\r\n"
+        b"Accept: text/plain\r\nConnection: close, X-Forwarded-For, Via\r\n\r\n"
+    )
+    assert (await raw_http(client.port, request)).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert heads[-1] == (
+        b"GET /metrics?x=1 HTTP/1.1\r\nUser-Agent: Prometheus/3.5\r\nAccept: text/plain\r\n"
+        b"Host: localhost\r\nX-Forwarded-Host: metrics.example:31337\r\n"
+        b"X-Forwarded-For: 127.0.0.1\r\nVia: 1.1 aegis\r\n\r\n"
+    )
+    # Without Connection naming them: the scraper's list goes on, its Via stays beside Aegis's.
+    request = request.replace(b", X-Forwarded-For, Via", b"").replace(
+        b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1
+    )
+    assert (await raw_http(client.port, request)).startswith(b"HTTP/1.0 200 OK\r\n")
+    assert heads[-1] == (
+        b"GET /metrics?x=1 HTTP/1.1\r\nUser-Agent: Prometheus/3.5\r\nVia: 1.1 squid\r\n"
+        b"Accept: text/plain\r\nHost: localhost\r\nX-Forwarded-Host: metrics.example:31337\r\n"
+        b"X-Forwarded-For: 203.0.113.9, 127.0.0.1\r\nVia: 1.0 aegis\r\n\r\n"
+    )
 
 
 async def test_hop_by_hop_response_headers_stay_behind(
@@ -558,12 +593,16 @@ async def test_odd_bytes_in_every_request_header_go_to_the_upstream_as_they_came
                 assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
                 sent -= 1
                 continue
+            if name == b"Host":  # no host name: refused by Aegis, and counted (target="")
+                assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:100]
+                assert answer.endswith(b"\r\n\r\nbad Host header\n")
+                continue
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), (name, value, answer[:200])
             head = heads[-1]
             assert head.startswith(b"GET /metrics?q=%ff&x=[] HTTP/1.1\r\n")
-            if name == b"Host":
-                assert b"\r\nHost: %s\r\n" % value in head
-            elif name == b"X-Forwarded-For":
+            assert b"\r\nHost: localhost\r\n" in head
+            assert b"\r\nX-Forwarded-Host: aegis\r\n" in head
+            if name == b"X-Forwarded-For":
                 assert b"\r\nX-Forwarded-For: %s, 127.0.0.1\r\n" % value in head
             elif name != b"Connection":
                 assert b"\r\n%s: %s\r\n" % (name, value) in head
@@ -881,3 +920,69 @@ async def test_a_scraper_too_slow_for_its_own_deadline_is_not_the_services_timeo
     assert registry.get_sample_value("aegis_upstream_errors_total", errors) == 1
     timeout = {"target": "big", "kind": "timeout"}
     assert registry.get_sample_value("aegis_upstream_errors_total", timeout) is None
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308, 399])
+@pytest.mark.parametrize("framing", ["length", "chunked", "none"])
+async def test_an_upstream_redirect_is_a_counted_502_never_followed(
+    aegis: AegisFactory,
+    upstreams: Upstreams,
+    sockdir: Path,
+    status: int,
+    framing: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service that answers with a redirect would send the scraper, with the credentials it
+    has for Aegis, wherever it likes: a real client that follows redirects never gets there."""
+    stolen: list[dict[str, str]] = []
+
+    async def attacker(request: web.Request) -> web.Response:
+        stolen.append(dict(request.headers))
+        return web.Response(text="up 1\n")
+
+    elsewhere = web.Application()
+    elsewhere.router.add_get("/steal", attacker)
+    runner = web.AppRunner(elsewhere, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    body = {
+        "length": b"Content-Length: 5\r\n\r\nmoved",
+        "chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\nmoved\r\n0\r\n\r\n",
+        "none": b"Content-Length: 0\r\n\r\n",
+    }[framing]
+    location = b"Location: http://127.0.0.1:%d/steal\r\n" % port
+    answer = b"HTTP/1.1 %d Moved\r\n%s%s" % (status, location, body)
+    await upstreams.raw(sockdir / "svc.sock", answer_once(answer))
+    registry = CollectorRegistry()
+    client = await aegis(registry=registry)
+    try:
+        auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:secret").decode()}
+        async with aiohttp.ClientSession() as session:
+            response = await session.get(client.make_url("/svc"), headers=auth)  # follows them
+            assert response.status == 502
+            text = await response.text()
+        assert "Location" not in response.headers
+        assert "steal" not in text
+        assert stolen == []
+        assert registry.get_sample_value(
+            "aegis_upstream_errors_total", {"target": "svc", "kind": "redirect"}
+        )
+        assert registry.get_sample_value("aegis_requests_total", {"target": "svc", "code": "502"})
+        assert "Traceback" not in caplog.text
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_304_is_still_relayed(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """Not a redirect: only ever the answer to the scraper's own conditional request."""
+    await upstreams.raw(
+        sockdir / "svc.sock", answer_once(b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n')
+    )
+    client = await aegis()
+    response = await client.get("/svc", headers={"If-None-Match": '"x"'})
+    assert response.status == 304
+    assert response.headers["ETag"] == '"x"'

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -480,3 +481,131 @@ async def test_past_the_label_bound_each_target_keeps_one_label(
     assert sum(counts.values()) == 3 * len(names)
     assert await aegis.stop() == 0
     assert aegis.output().count("more targets than the metrics label") == 1, aegis.output()
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A directory under /tmp that any user may traverse (pytest's own is root's, mode 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="aegis-links-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base)
+
+
+def link(path: Path, to: Path, uid: int) -> None:
+    path.symlink_to(to)
+    os.lchown(path, uid, -1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give links other owners")
+async def test_only_links_of_the_directorys_owner_or_aegiss_user_are_followed(
+    aegis: AegisFactory,
+    serve_page: ServePage,
+    sockdir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As fs.protected_symlinks does for sticky directories: a link a group member made would
+    reach any socket Aegis can open. Here Aegis and the directory's owner are root."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    await serve_page(bind_anywhere(private / "secret.sock"), "secret 1\n")
+    link(sockdir / "evil.sock", private / "secret.sock", 4321)
+    link(sockdir / "chain.sock", Path("evil.sock"), 0)  # root's link to the member's one
+    link(sockdir / "dot.sock", Path("./chain.sock"), 0)
+    link(sockdir / "good.sock", private / "secret.sock", 0)
+    client = await aegis(targets={"explicit": Target("explicit", sockdir / "evil.sock")})
+    with caplog.at_level(logging.INFO, logger="aegis.sockdir"):
+        for _ in range(3):
+            for name in ("evil", "chain", "dot"):
+                response = await client.get(f"/{name}")
+                assert (response.status, await response.text()) == (404, "no such target\n")
+            listed = [g["labels"]["target"] for g in await (await client.get("/-/sd")).json()]
+            assert listed == ["explicit", "good"]
+            page = await (await client.get("/")).text()
+            assert "evil" not in page
+            assert "chain" not in page
+    response = await client.get("/good")
+    assert (response.status, await response.text()) == (200, "secret 1\n")
+    # The operator's explicit target is the operator's, wherever it leads.
+    response = await client.get("/explicit")
+    assert (response.status, await response.text()) == (200, "secret 1\n")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1, lines  # once for that link, however often it was met
+    assert f"link {sockdir / 'evil.sock'}" in lines[0]
+    assert "is owned by uid 4321" in lines[0]
+
+
+SETPRIV = shutil.which("setpriv")
+AEGIS_UID, WITHIN_GID, MEMBER_UID = 1600, 1700, 1701
+
+
+def as_user(uid: int, gid: int, *groups: int) -> tuple[str, ...]:
+    assert SETPRIV is not None
+    extra = ",".join(map(str, groups))
+    return (
+        SETPRIV,
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        f"--groups={extra}" if extra else "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    )
+
+
+@needs_aegis
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run as other users")
+@pytest.mark.skipif(SETPRIV is None, reason="needs setpriv (util-linux)")
+async def test_a_group_member_cannot_reach_aegiss_private_socket_through_a_link(
+    serve_page: ServePage, open_base: Path, children: Children
+) -> None:
+    """The NixOS module's layout: the directory is 3770 root:within, Aegis runs as its own user
+    in group within, and a member of within links to a 0600 socket of Aegis's user, which the
+    member cannot open itself. Each link is made by its user, through the kernel."""
+    sockdir = open_base / "run"
+    sockdir.mkdir()
+    os.chown(sockdir, 0, WITHIN_GID)
+    os.chmod(sockdir, 0o3770)
+    private = open_base / "private"
+    private.mkdir(mode=0o755)
+    secret = private / "secret.sock"
+    await serve_page(bind_anywhere(secret), "secret 1\n")
+    os.chown(secret, AEGIS_UID, AEGIS_UID)
+    os.chmod(secret, 0o600)
+    member = as_user(MEMBER_UID, WITHIN_GID)
+    for who, name in ((member, "evil"), (as_user(AEGIS_UID, AEGIS_UID, WITHIN_GID), "mine")):
+        made = await asyncio.create_subprocess_exec(
+            *who, "ln", "-s", str(secret), str(sockdir / f"{name}.sock")
+        )
+        assert await made.wait() == 0
+    (sockdir / "root.sock").symlink_to(secret)
+    assert (sockdir / "evil.sock").lstat().st_uid == MEMBER_UID
+    # The member itself cannot open the socket.
+    probe = await asyncio.create_subprocess_exec(
+        *member,
+        sys.executable,
+        "-c",
+        f"import socket; socket.socket(socket.AF_UNIX).connect({str(secret)!r})",
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await probe.wait() != 0
+    port = free_port()
+    child = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(sockdir)),
+        prefix=as_user(AEGIS_UID, AEGIS_UID, WITHIN_GID),
+    )
+    await child.ready("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(4):
+        assert await fresh_get(f"{url}/evil") == (404, b"no such target\n")
+        assert await fresh_get(f"{url}/mine") == (200, b"secret 1\n")
+        assert await fresh_get(f"{url}/root") == (200, b"secret 1\n")
+        status, listed = await fresh_get(f"{url}/-/sd")
+        assert status == 200
+        assert [g["labels"]["target"] for g in json.loads(listed)] == ["mine", "root"]
+    assert await child.stop() == 0
+    log = child.output()
+    assert log.count(f"link {sockdir / 'evil.sock'} is owned by uid {MEMBER_UID}") >= 1, log
+    # Once per worker at most, however often it was met.
+    assert log.count("is owned by uid") <= 2, log
+    assert "Traceback" not in log

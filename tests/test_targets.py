@@ -77,7 +77,7 @@ def test_symlink_in_sockdir_may_point_at_a_socket_elsewhere(tmp_path: Path, sock
     held = make_socket(elsewhere / "metrics.sock")
     (sockdir / "svc.sock").symlink_to(elsewhere / "metrics.sock")
     assert Targets(sockdir, {}).resolve("svc").socket == str(sockdir / "svc.sock")
-    assert Targets(sockdir, {}).names() == ["svc"]
+    assert list(Targets(sockdir, {}).names()) == ["svc"]
     held.close()
 
 
@@ -100,7 +100,7 @@ def test_names_lists_valid_socket_names_and_explicit_targets(tmp_path: Path, soc
     (sockdir / "nosuffix").write_text("")
     explicit = {"zz": Target("zz", tmp_path / "elsewhere.sock", "/stats")}
     targets = Targets(sockdir, explicit)
-    assert targets.names() == ["a", "b", "zz"]
+    assert list(targets.names()) == ["a", "b", "zz"]
     endpoint_error = pytest.raises(NoSuchTarget)
     with endpoint_error:
         targets.resolve("zz")  # listed, but its socket is not there yet
@@ -219,7 +219,7 @@ def test_a_name_too_long_for_a_deep_directory_is_unknown_not_an_error(tmp_path: 
     targets = Targets(sockdir, {})
     endpoint = targets.resolve("short")
     assert os.stat(endpoint.address).st_ino == endpoint.identity[1]
-    assert targets.names() == ["short"]
+    assert list(targets.names()) == ["short"]
     with pytest.raises(NoSuchTarget, match="file name too long"):
         targets.resolve("x" * 100)
     held.close()
@@ -241,7 +241,7 @@ def test_odd_entries_are_neither_listed_nor_resolved(tmp_path: Path, sockdir: Pa
     os.mkfifo(sockdir / "fifo.sock")
     odd = make_socket(Path(os.fsdecode(bytes(sockdir) + b"/odd\xff\x01.sock")))
     targets = Targets(sockdir, {})
-    assert targets.names() == ["ok"]
+    assert list(targets.names()) == ["ok"]
     for name, why in [
         ("loop", "symlink loop"),
         ("ping", "symlink loop"),
@@ -291,7 +291,7 @@ def test_a_replaced_directory_is_looked_at_anew(tmp_path: Path, sockdir: Path) -
     sockdir.mkdir()
     second = make_socket(sockdir / "svc.sock")
     assert targets.resolve("svc").identity != before
-    assert targets.names() == ["svc"]
+    assert list(targets.names()) == ["svc"]
     first.close()
     second.close()
 
@@ -319,19 +319,19 @@ def test_a_kept_listing_still_sees_every_change(
     held = [make_socket(sockdir / "a.sock")]
     (sockdir / "link.sock").symlink_to(tmp_path / "elsewhere.sock")
     targets = Targets(sockdir, {})
-    assert targets.names() == ["a"]
-    assert targets.names() == ["a"]
+    assert list(targets.names()) == ["a"]
+    assert list(targets.names()) == ["a"]
     held.append(make_socket(tmp_path / "elsewhere.sock"))  # the link's target appears
-    assert targets.names() == ["a", "link"]
+    assert list(targets.names()) == ["a", "link"]
     tick()
     held.append(make_socket(sockdir / "b.sock"))
-    assert targets.names() == ["a", "b", "link"]
+    assert list(targets.names()) == ["a", "b", "link"]
     tick()
     (sockdir / "a.sock").unlink()
-    assert targets.names() == ["b", "link"]
+    assert list(targets.names()) == ["b", "link"]
     tick()
     (sockdir / "b.sock").rename(sockdir / "c.sock")
-    assert targets.names() == ["c", "link"]
+    assert list(targets.names()) == ["c", "link"]
     for sock in held:
         sock.close()
 
@@ -342,9 +342,9 @@ def test_a_kept_listing_is_dropped_when_the_directory_is_replaced(
     monkeypatch.setattr(targets_module, "time", _Later)
     held = make_socket(sockdir / "a.sock")
     targets = Targets(sockdir, {})
-    assert targets.names() == ["a"]
+    assert list(targets.names()) == ["a"]
     tick()
     sockdir.rename(tmp_path / "old")
     sockdir.mkdir()
-    assert targets.names() == []
+    assert list(targets.names()) == []
     held.close()

@@ -14,8 +14,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from test_sockdir import until
 
-from aegis.upstream import Exchange, UpstreamError, UpstreamPool
+from aegis.proxy import POOL_KEY
+from aegis.upstream import MAX_IDLE_TOTAL, Exchange, UpstreamError, UpstreamPool
 from conftest import AegisFactory, Upstreams, raw_http
 
 
@@ -525,3 +527,78 @@ async def test_a_length_framed_body_cut_short_by_the_close_is_truncated(
     finally:
         pool.close()
     assert failed.value.kind == "truncated"
+
+
+class CountingService:
+    """Answers every request at once when ``gate`` is open; counts its open connections."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate = gate
+        self.open = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await self.gate.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nup 1")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+async def test_idle_connections_are_few_and_close_on_their_own(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """16 concurrent scrapes of each of 10 targets, then silence: a few idle connections per
+    target stay, and those close at their idle timeout with nothing asking for the target (they
+    used to stay until the next scrape of the same target, 64 per target)."""
+    gate = asyncio.Event()
+    services = [CountingService(gate) for _ in range(10)]
+    for index, service in enumerate(services):
+        await upstreams.raw(sockdir / f"t{index}.sock", service)
+    client = await aegis(upstream_idle_timeout=1.0)
+
+    async def scrape(session: aiohttp.ClientSession, name: str) -> int:
+        async with session.get(client.make_url(f"/{name}")) as response:
+            await response.read()
+            return response.status
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        scrapes = [
+            asyncio.create_task(scrape(session, f"t{index}"))
+            for index in range(len(services))
+            for _ in range(16)
+        ]
+        await until(lambda: sum(service.open for service in services) == 160, "all connected")
+        gate.set()
+        assert await asyncio.gather(*scrapes) == [200] * 160
+    await asyncio.sleep(0.2)  # the connections beyond the bound are closed by now
+    assert [service.open for service in services] == [4] * 10
+    # The timeout is 1 s: well within.
+    await until(lambda: not any(service.open for service in services), "every one closed")
+    app = client.server.app
+    assert app is not None
+    assert app[POOL_KEY].idle_count() == 0
+
+
+async def test_idle_connections_for_all_sockets_together_are_bounded(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """A client that asks each of many targets once leaves at most MAX_IDLE_TOTAL idle."""
+    gate = asyncio.Event()
+    gate.set()
+    services = [CountingService(gate) for _ in range(MAX_IDLE_TOTAL + 20)]
+    for index, service in enumerate(services):
+        await upstreams.raw(sockdir / f"t{index}.sock", service)
+    client = await aegis()
+    for index in range(len(services)):
+        assert (await client.get(f"/t{index}")).status == 200
+    await asyncio.sleep(0.2)
+    assert sum(service.open for service in services) == MAX_IDLE_TOTAL
+    # The ones idle longest were closed: the first targets asked.
+    assert [service.open for service in services[:20]] == [0] * 20

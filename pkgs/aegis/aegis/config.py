@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from .discovery import ExternalURL
 from .targets import Target, check_name
+from .upstream import MAX_IDLE_PER_SOCKET
 
 # Prometheus' units (model.ParseDuration), biggest first: a year is 365 days, a week 7.
 _UNITS = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
@@ -92,9 +93,9 @@ class Config:
     scrape_timeout: float = 10.0
     #: Subtracted from the scraper's own timeout so that Aegis answers 504 before it gives up.
     timeout_offset: float = 0.5
-    #: Idle keep-alive connections kept per upstream socket.
-    max_idle_per_socket: int = 64
-    #: Seconds an idle upstream connection is kept for reuse.
+    #: Idle keep-alive connections kept per upstream socket (a few: see aegis.upstream).
+    max_idle_per_socket: int = MAX_IDLE_PER_SOCKET
+    #: Seconds an idle upstream connection is kept for reuse; then it is closed, on its own.
     upstream_idle_timeout: float = 60.0
     #: How scrapers reach Aegis (``https://host:port/prefix``), for ``/-/sd``; "" means the way
     #: each client did (its Host header).
@@ -106,6 +107,12 @@ class Config:
     max_concurrent: int = 256
     #: The same for each target, so one slow service cannot take every slot.
     max_concurrent_per_target: int = 64
+    #: (st_dev, st_ino) of the socket files this Aegis listens on (its ``unix:`` listeners,
+    #: those systemd passes): a target that is one of them is refused (508, kind ``loop``)
+    #: rather than proxied to itself. The program fills it in, with
+    #: :func:`aegis.targets.socket_file_identity` of each listening socket; a loop it does not
+    #: know of ends one hop later, at Aegis's own ``Via``.
+    listener_sockets: frozenset[tuple[int, int]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sockdir", Path(self.sockdir))
@@ -129,6 +136,7 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.max_idle_per_socket < 0:
             raise ConfigError("max_idle_per_socket must not be negative")
+        object.__setattr__(self, "listener_sockets", frozenset(self.listener_sockets))
         object.__setattr__(self, "route_prefix", normalize_route_prefix(self.route_prefix))
         if self.external_url:
             try:

@@ -1,14 +1,20 @@
 """What Aegis tells about itself: the landing page ``/``, ``/-/sd``, ``/-/healthy``, ``/-/ready``.
 
-Everything here is computed per request from :meth:`aegis.targets.Targets.names` (a directory
-scan, reused only while the directory's time stamps say nothing changed): a socket that appears
-is listed by the next request. A socket
-directory that cannot be listed makes ``/-/sd`` a 503 with the reason: Prometheus keeps the
-targets it had (an empty list would make it drop them all); the landing page shows the reason.
+The lists come from :meth:`aegis.targets.Targets.names` (a directory scan, reused only while the
+directory's time stamps say nothing changed): a socket that appears is listed by the next
+request. A socket directory that cannot be listed makes ``/-/sd`` a 503 with the reason:
+Prometheus keeps the targets it had (an empty list would make it drop them all); the landing
+page shows the reason.
 
 ``/-/sd`` is Prometheus HTTP service discovery (``http_sd_configs``): one group per target,
-addressed the way the client reached Aegis (its ``Host`` header), unless an external URL says
-how Prometheus should reach it (behind a reverse proxy, another host name, TLS in front).
+addressed the way the client reached Aegis (its ``Host`` header, or without one the address of
+the listener it came in on), unless an external URL says how Prometheus should reach it (behind
+a reverse proxy, another host name, TLS in front).
+
+What these answers cost never grows with what a client sends (:class:`Answers`): the address
+is at most 255 bytes (:mod:`aegis.protocol`), and each answer is built once per set of names
+and shared by every client that asks for it, in pieces that wait for the client to read the
+one before, so a client that reads nothing holds no copy of its own.
 """
 
 from __future__ import annotations
@@ -16,16 +22,19 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from json.encoder import encode_basestring_ascii as _json
+from typing import cast
 from urllib.parse import quote, urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from . import __version__
+from . import __version__, protocol
 from .targets import DirectoryUnavailable, Targets
 
-__all__ = ["ENDPOINTS", "ExternalURL", "landing", "service_discovery"]
+__all__ = ["ENDPOINTS", "Answers", "ExternalURL", "landing", "service_discovery"]
 
 # Names that read the same in HTML, in a URL path and as text: nothing to escape.
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]+")
@@ -66,9 +75,125 @@ def _prefix(request: web.Request, own_path: str) -> str:
     return path[: -len(own_path)] if path.endswith(own_path) else ""
 
 
+#: Names per piece of an answer built as it is sent: about 100 bytes each, plus the address.
+_PIECE_NAMES = 256
+#: Bytes of a shared answer written at once: the next waits until the client took this one.
+_SLICE = 64 * 1024
+#: Answers kept per set of names: /-/sd for a few addresses (a scraper asks with one or two),
+#: the landing page in HTML and JSON.
+MAX_KEPT_ANSWERS = 6
+#: Whole answers held at once, kept or still being sent, in bytes; past it, an answer that is
+#: not kept is built piece by piece as it is sent, each client holding one piece at most.
+MAX_HELD_BYTES = 32 * 1024 * 1024
+
+Pieces = Iterator[bytes]
+
+
+class _Whole:
+    """A built answer, and how many hold it (the cache, and each client being sent it)."""
+
+    __slots__ = ("body", "users")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.users = 0
+
+
+class Answers:
+    """The bodies of ``/`` and ``/-/sd``, built once per set of target names and key (address,
+    scheme and prefix; HTML or JSON), and shared: every client asking for the same answer gets
+    the same bytes object, written out in slices (uvloop's transports write from it without a
+    copy). At most :data:`MAX_KEPT_ANSWERS` are kept per set of names, and whole answers held
+    at once, kept or being sent, take at most :data:`MAX_HELD_BYTES` (plus the one being
+    built); any other answer is built piece by piece while it is sent. So what clients that do
+    not read can pin is bounded: none of them holds more than a piece or a slice of its own,
+    and the transport's buffer (64 KiB), until the write deadline cuts it."""
+
+    def __init__(self) -> None:
+        self._names: tuple[str, ...] | None = None
+        self._kept: dict[Hashable, _Whole] = {}
+        self._held = 0
+        self.sending = 0  # answers being written now
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the whole answers kept or being sent (each counted once)."""
+        return self._held
+
+    def get(
+        self, names: tuple[str, ...], key: Hashable, build: Callable[[], Pieces]
+    ) -> _Whole | Pieces:
+        """The answer for ``key`` given ``names``: a shared whole (to :meth:`release` once
+        sent), or pieces built as they are sent."""
+        if names is not self._names:
+            for outdated in self._kept.values():
+                self.release(outdated)
+            self._kept.clear()
+            self._names = names
+        whole = self._kept.get(key)
+        if whole is None:
+            if len(self._kept) >= MAX_KEPT_ANSWERS or self._held >= MAX_HELD_BYTES:
+                return build()
+            whole = self._kept[key] = _Whole(b"".join(build()))
+            self._take(whole)  # the cache's hold
+        self._take(whole)
+        return whole
+
+    def _take(self, whole: _Whole) -> None:
+        if not whole.users:
+            self._held += len(whole.body)
+        whole.users += 1
+
+    def release(self, whole: _Whole) -> None:
+        whole.users -= 1
+        if not whole.users:
+            self._held -= len(whole.body)
+
+    async def send(
+        self, request: web.Request, content_type: str, answer: _Whole | Pieces
+    ) -> web.StreamResponse:
+        """Write ``answer`` (from :meth:`get`), each piece once the client took the one before
+        (aiohttp's write waits while the transport's buffer is full)."""
+        response = web.StreamResponse()
+        response.content_type = content_type
+        response.charset = "utf-8"
+        whole = answer if isinstance(answer, _Whole) else None
+        self.sending += 1
+        try:
+            if whole is not None:
+                response.content_length = len(whole.body)
+            await response.prepare(request)
+            if request.method == "HEAD":
+                return response
+            if whole is not None:
+                view = memoryview(whole.body)
+                pieces: Iterable[bytes | memoryview] = (
+                    view[start : start + _SLICE] for start in range(0, len(view), _SLICE)
+                )
+            else:
+                assert not isinstance(answer, _Whole)
+                pieces = answer
+            last: bytes | memoryview = b""
+            for piece in pieces:
+                if last:
+                    await response.write(last)
+                last = piece
+            # The last one with write_eof, which waits while the transport's buffer is full:
+            # a pipelined request is taken only then, as after any other answer.
+            # (Typed bytes; aiohttp takes any buffer, and a memoryview saves a copy.)
+            await response.write_eof(cast(bytes, last))
+        except ConnectionError:
+            pass  # the client went away: nothing more to send
+        finally:
+            self.sending -= 1
+            if whole is not None:
+                self.release(whole)
+        return response
+
+
 async def service_discovery(
-    request: web.Request, targets: Targets, external: ExternalURL | None
-) -> web.Response:
+    request: web.Request, targets: Targets, external: ExternalURL | None, answers: Answers
+) -> web.StreamResponse:
     try:
         names = targets.names()
     except DirectoryUnavailable as exc:
@@ -78,23 +203,46 @@ async def service_discovery(
         address, prefix = external.address, external.prefix
         labels["__scheme__"] = external.scheme
     else:
-        address, prefix = request.host, _prefix(request, "/-/sd")
+        # Validated: at most 255 bytes of host[:port] (aegis.protocol). HTTP/1.0 may leave it
+        # out: then the listener's own address, never a Unix socket's path.
+        address = request.headers.get(hdrs.HOST) or protocol.listener_address(request) or ""
+        if not address:
+            return web.Response(
+                status=400,
+                text="a Host header is needed: this listener is a Unix socket, no address\n",
+            )
+        prefix = _prefix(request, "/-/sd")
         if request.secure:
             labels["__scheme__"] = "https"
-    return web.Response(
-        text=_sd_groups(names, address, labels, prefix), content_type="application/json"
-    )
+    key = ("sd", address, tuple(labels.items()), prefix)
+    answer = answers.get(names, key, lambda: _sd_groups(names, address, labels, prefix))
+    return await answers.send(request, "application/json", answer)
 
 
-def _sd_groups(names: list[str], address: str, labels: dict[str, str], prefix: str) -> str:
-    """``json.dumps`` of one group per name, to the byte, written out by hand: with ten thousand
-    sockets the generic encoder alone took longer than the whole answer may."""
+def _sd_groups(names: Sequence[str], address: str, labels: dict[str, str], prefix: str) -> Pieces:
+    """``json.dumps`` of one group per name, to the byte, written out by hand (with ten
+    thousand sockets the generic encoder alone took longer than the whole answer may), in
+    pieces of :data:`_PIECE_NAMES` groups."""
     common = "".join(f"{_json(key)}: {_json(value)}, " for key, value in labels.items())
     head = f'{{"targets": {json.dumps([address])}, "labels": {{{common}"__metrics_path__": '
-    groups = ", ".join(
-        f'{head}{_json(f"{prefix}/{name}")}, "target": {_json(name)}}}}}' for name in names
+    return _joined(
+        "[",
+        names,
+        lambda name: f'{head}{_json(f"{prefix}/{name}")}, "target": {_json(name)}}}}}',
+        ", ",
+        "]",
     )
-    return f"[{groups}]"
+
+
+def _joined(
+    first: str, names: Sequence[str], item: Callable[[str], str], between: str, last: str
+) -> Pieces:
+    """``first + between.join(map(item, names)) + last``, encoded, in pieces."""
+    yield first.encode()
+    for start in range(0, len(names), _PIECE_NAMES):
+        piece = between.join(map(item, names[start : start + _PIECE_NAMES]))
+        yield (between + piece if start else piece).encode()
+    yield last.encode()
 
 
 def _wants_json(accept: str) -> bool:
@@ -121,39 +269,55 @@ def _wants_json(accept: str) -> bool:
     return best["application/json"] > best["text/html"]
 
 
-async def landing(request: web.Request, targets: Targets) -> web.Response:
+async def landing(request: web.Request, targets: Targets, answers: Answers) -> web.StreamResponse:
     try:
         names, problem = targets.names(), None
     except DirectoryUnavailable as exc:
         # The explicit targets are still served; the directory's are unknown.
-        names, problem = sorted(targets.explicit), exc.reason
-    if _wants_json(request.headers.get("Accept", "")):
-        # Written out like /-/sd, for the same reason.
-        listed = ", ".join(
-            f'{{"name": {_json(name)}, "path": {_json(f"/{name}")}}}' for name in names
-        )
+        names, problem = tuple(sorted(targets.explicit)), exc.reason
+    wants_json = _wants_json(request.headers.get("Accept", ""))
+    if wants_json:
         directory = {"path": str(targets.sockdir), "error": problem}
-        body = (
-            f'{{"version": {_json(__version__)}, "targets": [{listed}], '
-            f'"endpoints": {json.dumps(ENDPOINTS)}, "socket_directory": {json.dumps(directory)}}}'
-        )
-        return web.Response(text=body, content_type="application/json")
+        build = partial(_landing_json, names, directory)
+        content_type = "application/json"
+    else:
+        build = partial(_landing_html, names, problem)
+        content_type = "text/html"
+    if problem is not None:  # the explicit targets only: a small answer, not kept
+        return await answers.send(request, content_type, build())
+    return await answers.send(request, content_type, answers.get(names, wants_json, build))
+
+
+def _landing_json(names: Sequence[str], directory: dict[str, str | None]) -> Pieces:
+    # Written out like /-/sd, for the same reason.
+    return _joined(
+        f'{{"version": {_json(__version__)}, "targets": [',
+        names,
+        lambda name: f'{{"name": {_json(name)}, "path": {_json(f"/{name}")}}}',
+        ", ",
+        f'], "endpoints": {json.dumps(ENDPOINTS)}, "socket_directory": {json.dumps(directory)}}}',
+    )
+
+
+def _landing_html(names: Sequence[str], problem: str | None) -> Pieces:
     # Relative links, so the page works the same under a path prefix (add_subapp, a proxy).
-    items = "".join(map(_link, names))
+    after = ""
     if problem is not None:
-        items += f"<li><strong>socket directory unavailable: {html.escape(problem)}</strong></li>\n"
-    elif not items:
-        items = "<li>none yet: no socket in the directory</li>\n"
+        after = f"<li><strong>socket directory unavailable: {html.escape(problem)}</strong></li>\n"
+    elif not names:
+        after = "<li>none yet: no socket in the directory</li>\n"
     endpoints = "".join(f'<li><a href="{path[1:]}">{path}</a></li>\n' for path in ENDPOINTS)
-    page = (
+    return _joined(
         '<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8">'
         "<title>Aegis</title></head>\n<body>\n"
         f"<h1>Aegis</h1>\n<p>Version {html.escape(__version__)}: the Prometheus metrics of "
         "Unix-socket services, on one TCP port.</p>\n"
-        f"<h2>Targets</h2>\n<ul>\n{items}</ul>\n<h2>Aegis</h2>\n<ul>\n{endpoints}</ul>\n"
-        "</body>\n</html>\n"
+        "<h2>Targets</h2>\n<ul>\n",
+        names,
+        _link,
+        "",
+        f"{after}</ul>\n<h2>Aegis</h2>\n<ul>\n{endpoints}</ul>\n</body>\n</html>\n",
     )
-    return web.Response(text=page, content_type="text/html")
 
 
 def _link(name: str) -> str:

@@ -20,18 +20,21 @@ otherwise the exchange runs to its deadline, capped at :data:`MAX_SCRAPE_TIMEOUT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
+import ipaddress
 import logging
 import math
 import os
 import pwd
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CollectorRegistry
 
-from . import discovery
+from . import discovery, protocol
 from .config import Config, ConfigError, parse_duration
 from .dirwatch import DirectoryWatch
 from .limits import Limits
@@ -40,7 +43,14 @@ from .metrics import ProxyMetrics, serve_metrics
 from .relay import Relayed, relayed_fields
 from .requesttarget import asterisk_form_refused
 from .stopping import STOPPING_KEY, GracePeriod
-from .targets import BadName, DirectoryUnavailable, NoSuchTarget, Target, Targets
+from .targets import (
+    BadName,
+    DirectoryUnavailable,
+    NoSuchTarget,
+    Target,
+    Targets,
+    socket_file_identity,
+)
 from .upstream import Exchange, UpstreamError, UpstreamPool
 
 __all__ = [
@@ -61,6 +71,10 @@ POOL_KEY = web.AppKey("aegis_pool", UpstreamPool)
 METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
 WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
+ANSWERS_KEY = web.AppKey("aegis_answers", discovery.Answers)
+#: Aegis's own Unix listeners, as loops through them showed them (see _learn_listener).
+LISTENERS_SEEN_KEY = web.AppKey("aegis_listeners_seen", set[tuple[int, int]])
+_MAX_LISTENERS_SEEN = 64
 #: Failed scrapes' log lines: one a minute per kind of failure and target, whatever a client
 #: (or a broken service) makes happen; the rest at debug level, counted in the next line.
 FAILURES_KEY = web.AppKey("aegis_failure_log", Throttled)
@@ -82,10 +96,12 @@ FAILURE_STATUS = {
     "connect": 502,
     "permission": 502,
     "directory": 503,
+    "loop": 508,
     "reset": 502,
     "stale": 502,
     "truncated": 502,
     "protocol": 502,
+    "redirect": 502,
     "too_large": 502,
     "internal": 502,
     "timeout": 504,
@@ -96,7 +112,8 @@ FAILURE_STATUS = {
 # Failures any client can cause for any name, at any rate: logged at debug level only.
 _QUIET = frozenset({"bad_name", "unknown", "overloaded", "directory"})
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus what a GET without a body never forwards.
+# RFC 9110 §7.6.1 hop-by-hop headers, plus what a GET without a body never forwards, and what
+# Aegis writes itself (Host, X-Forwarded-Host; X-Forwarded-For is extended, not dropped).
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -111,10 +128,16 @@ _HOP_BY_HOP = frozenset(
         b"content-length",
         b"expect",
         b"host",
-        b"x-forwarded-for",
+        b"x-forwarded-host",
     }
 )
 _HOP_BY_HOP_AUTHORIZATION = _HOP_BY_HOP | {b"authorization"}
+#: What a Unix socket is called in the upstream request's Host (it has no host name), as
+#: ``curl --unix-socket`` and nginx send it; the scraper's Host goes in X-Forwarded-Host.
+UPSTREAM_HOST = b"localhost"
+#: The name Aegis gives itself in ``Via`` (RFC 9110 §7.6.3) on every request it forwards; a
+#: request that already names it came through an Aegis and is refused (kind ``loop``).
+VIA_NAME = b"aegis"
 _SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 #: The longest upstream deadline a scraper's timeout header can ask for, in seconds; a longer
 #: ``--scrape.timeout`` raises it. Past it a scraper that hung up no longer holds a slot.
@@ -135,19 +158,31 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
     registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
     app[TARGETS_KEY] = targets
+    app[LISTENERS_SEEN_KEY] = set()
     watch = app[WATCH_KEY] = DirectoryWatch(targets)
     app[METRICS_KEY] = ProxyMetrics(registry, watch.count_targets)
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
     app[FAILURES_KEY] = Throttled(log)
     app[STOPPING_KEY] = GracePeriod()
     app.cleanup_ctx.append(_upstream_pool)
+    metrics = app[METRICS_KEY]
+
+    def refused(request: web.Request, status: int) -> None:
+        # A request for a name is counted however it ends; under target="", like a 405.
+        if "name" in request.match_info:
+            metrics.request("", status)
+
+    app.middlewares.append(protocol.RequestCheck(refused))
+    app.on_response_prepare.append(protocol.drop_server_header)
     external = discovery.ExternalURL.parse(config.external_url) if config.external_url else None
 
-    async def landing(request: web.Request) -> web.Response:
-        return await discovery.landing(request, targets)
+    answers = app[ANSWERS_KEY] = discovery.Answers()
 
-    async def service_discovery(request: web.Request) -> web.Response:
-        return await discovery.service_discovery(request, targets, external)
+    async def landing(request: web.Request) -> web.StreamResponse:
+        return await discovery.landing(request, targets, answers)
+
+    async def service_discovery(request: web.Request) -> web.StreamResponse:
+        return await discovery.service_discovery(request, targets, external, answers)
 
     async def own_metrics(request: web.Request) -> web.Response:
         return await serve_metrics(request, registry)
@@ -337,6 +372,11 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
     app = request.app
     metrics = scrape.metrics
     name = request.match_info["name"]
+    if _came_through_aegis(request.raw_headers):
+        # Proxied again it would come back again: through a link to one of Aegis's own
+        # listeners, or between two Aegis that reach each other.
+        _learn_listener(request)
+        return scrape.fail("loop", repr(name)[:120], "request already came through an aegis")
     try:
         endpoint = app[TARGETS_KEY].resolve(name)
     except BadName as exc:
@@ -353,6 +393,13 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
         return scrape.fail("permission", name, "permission denied", detail)
 
     scrape.target = name
+    if (
+        endpoint.identity in app[CONFIG_KEY].listener_sockets
+        or endpoint.identity in app[LISTENERS_SEEN_KEY]
+    ):
+        return scrape.fail(
+            "loop", name, "the target is one of aegis's own listeners", endpoint.socket
+        )
     if (refusal := scrape.admit()) is not None:
         return scrape.fail("overloaded", name, refusal)
     head_only = request.method == "HEAD"
@@ -464,33 +511,83 @@ def _unexpected(request: web.Request, scrape: _Scrape, exc: Exception) -> web.St
 
 def _request_head(request: web.Request, path: str) -> bytes:
     """The upstream request, from the bytes the scraper sent: header values are never decoded,
-    so any byte the HTTP parser let through goes on as it came."""
+    so any byte the HTTP parser let through goes on as it came.
+
+    A service sees the scraper's end-to-end headers, in their order, and these, after them:
+    ``Host: localhost`` (a Unix socket has no host name), ``X-Forwarded-Host`` with the
+    scraper's Host, ``X-Forwarded-For`` with the scraper's own list (unless its ``Connection``
+    names it) and its address, and ``Via`` naming Aegis. Hop-by-hop headers, those the
+    scraper's ``Connection`` names, its own ``X-Forwarded-Host``, and Aegis's credentials
+    (once checked) are never forwarded."""
     query = request.rel_url.raw_query_string
     target = f"{path}?{query}" if query else path
     raw_headers = request.raw_headers
-    named = _HOP_BY_HOP_AUTHORIZATION if request.get(CREDENTIALS_CHECKED) else _HOP_BY_HOP
+    dropped = _HOP_BY_HOP_AUTHORIZATION if request.get(CREDENTIALS_CHECKED) else _HOP_BY_HOP
+    named: set[bytes] = set()
     for header, value in raw_headers:
         if header.lower() == b"connection":
-            named = named.union(token.strip().lower() for token in value.split(b","))
-    host = b"localhost"
+            named.update(token.strip().lower() for token in value.split(b","))
+    host = b""
     forwarded_for: list[bytes] = []
     parts = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), _utf8(target))]
     for header, value in raw_headers:
         lower = header.lower()
-        if lower in named:
-            if lower == b"host" and value:
-                host = value
-            elif lower == b"x-forwarded-for":
-                forwarded_for.append(value)
+        if lower == b"host":
+            host = value  # the request's own: validated (aegis.protocol), only one
+        elif lower in dropped or lower in named:
             continue
-        parts.append(b"%s: %s\r\n" % (header, value))
-    parts.append(b"Host: %s\r\n" % host)
-    if request.remote:
-        forwarded_for.append(_utf8(request.remote))
+        elif lower == b"x-forwarded-for":
+            forwarded_for.append(value)
+        else:
+            parts.append(b"%s: %s\r\n" % (header, value))
+    parts.append(b"Host: %s\r\n" % UPSTREAM_HOST)
+    if host:
+        parts.append(b"X-Forwarded-Host: %s\r\n" % host)
+    if client := client_address(request):
+        forwarded_for.append(client.encode())
     if forwarded_for:
         parts.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
-    parts.append(b"\r\n")
+    parts.append(b"Via: %d.%d %s\r\n\r\n" % (*request.version, VIA_NAME))
     return b"".join(parts)
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The client's address as logs and X-Forwarded-For give it: an IPv4 client of an IPv6
+    listener (``[::]``) in its IPv4 form, as Go writes it, not ``::ffff:10.0.0.1``; "" for a
+    Unix-socket client."""
+    remote = request.remote or ""
+    if remote.startswith("::ffff:"):
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(remote).ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+    return remote
+
+
+def _learn_listener(request: web.Request) -> None:
+    """A request that came back through a Unix listener names that listener (its socket's own
+    name is the listener's file): a target that is it is refused from now on, before a
+    connection, whether the program said so (``Config.listener_sockets``) or not."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return
+    seen = request.app[LISTENERS_SEEN_KEY]
+    if len(seen) < _MAX_LISTENERS_SEEN and (identity := socket_file_identity(sock)) is not None:
+        seen.add(identity)
+
+
+def _came_through_aegis(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Whether a ``Via`` field names an Aegis as one of the proxies the request passed."""
+    for header, value in raw_headers:
+        if header.lower() != b"via":
+            continue
+        for hop in value.split(b","):
+            # received-protocol received-by [comment]
+            words = hop.split()
+            if len(words) >= 2 and words[1].lower() == VIA_NAME:
+                return True
+    return False
 
 
 def _utf8(text: str) -> bytes:

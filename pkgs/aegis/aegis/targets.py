@@ -6,6 +6,15 @@ configuration: ``<sockdir>/<name>.sock`` exists and is a socket, or the name is 
 in the directory may point at a socket elsewhere; that is how a service that keeps its socket in
 its own runtime directory is added.
 
+A link is followed only when it is owned by the directory's owner or by the user Aegis runs as,
+as the kernel's ``fs.protected_symlinks`` does for sticky directories: the directory is usually
+writable by a group (``3770 root:within``), and a member's link would reach any socket Aegis
+can open, a ``0600`` one of Aegis's own user included, that the member cannot open itself. Any
+other link is a 404 for its name, is left out of the lists, and is logged once (at most a line
+a minute per owner). A link is read from the link itself (its owner and its text in one open
+descriptor), so it cannot be swapped between the check and the use; a link that leads to
+another entry of the directory has that entry checked in turn.
+
 The directory itself can fail (missing, unreadable, not a directory, a symlink loop): then
 :class:`DirectoryUnavailable` says so, rather than every name looking unknown and the list empty.
 
@@ -18,13 +27,18 @@ exactly the inode that was checked.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import pwd
 import re
+import socket
 import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .logs import Throttled
 
 SOCKET_SUFFIX = ".sock"
 MAX_NAME_LENGTH = 100
@@ -42,6 +56,12 @@ _UPSTREAM_PATH = re.compile(r"/[\x21-\x7e]*")
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 _PROC_FD = "/proc/self/fd"
+# Links followed within the socket directory for one name (the kernel allows 40 in a path).
+_MAX_LINKS = 8
+# Untrusted links remembered as logged already (then forgotten all at once, and logged again).
+_MAX_WARNED = 1024
+
+log = logging.getLogger("aegis.sockdir")
 
 
 class BadName(ValueError):
@@ -111,6 +131,22 @@ def fits_an_address(path: str | os.PathLike[str]) -> bool:
     if path.isascii():
         return len(path) <= MAX_SOCKET_ADDRESS
     return len(os.fsencode(path)) <= MAX_SOCKET_ADDRESS
+
+
+def socket_file_identity(sock: socket.socket) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file a Unix socket is bound to: what a target that names the
+    same socket resolves to (:attr:`Endpoint.identity`). None for other sockets (TCP, abstract,
+    unnamed) and for a file that is gone or was replaced by something else."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    name = sock.getsockname()
+    if not isinstance(name, str) or not name or name.startswith("\0"):
+        return None
+    try:
+        st = os.stat(name)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,14 +223,27 @@ class Endpoint:
 class Targets:
     """Resolves names against the explicit targets first, then the socket directory."""
 
-    __slots__ = ("_explicit", "_kinds", "_listing", "_pinned", "_sockdir")
+    __slots__ = (
+        "_explicit",
+        "_kinds",
+        "_link_log",
+        "_listing",
+        "_names",
+        "_pinned",
+        "_sockdir",
+        "_warned",
+    )
 
     def __init__(self, sockdir: Path, explicit: Mapping[str, Target]) -> None:
         self._sockdir = sockdir
         self._explicit = explicit
+        self._warned: set[tuple[int, int]] = set()  # untrusted links logged, by (dev, inode)
+        self._link_log = Throttled(log)
         self._pinned: dict[str, _Pinned] = {}
         self._kinds: dict[str, tuple[int, bool]] = {}
         self._listing: _Listing | None = None
+        # The last names found, and them sorted: the same tuple while they stay the same.
+        self._names: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
 
     @property
     def sockdir(self) -> Path:
@@ -212,24 +261,77 @@ class Targets:
         an explicit target's socket exists but this process may not look at it.
         """
         explicit = self._explicit.get(name)
-        if explicit is not None:
-            socket_path, upstream_path = str(explicit.socket), explicit.path
-        else:
-            check_name(name)
-            socket_path = os.path.join(self._sockdir, name + SOCKET_SUFFIX)
-            upstream_path = "/metrics"
         try:
-            st = os.stat(socket_path)
+            if explicit is not None:
+                # The operator's own: followed wherever it leads.
+                socket_path, upstream_path = str(explicit.socket), explicit.path
+                path, st = socket_path, os.stat(socket_path)
+            else:
+                check_name(name)
+                socket_path = os.path.join(self._sockdir, name + SOCKET_SUFFIX)
+                upstream_path = "/metrics"
+                path, st = self._follow(socket_path)
         except OSError as exc:
             raise self._lookup_failure(exc, socket_path, in_directory=explicit is None) from None
         if not stat.S_ISSOCK(st.st_mode):
             raise NoSuchTarget(f"{socket_path}: not a socket")
         identity = (st.st_dev, st.st_ino)
-        if fits_an_address(socket_path):
-            return Endpoint(name, socket_path, upstream_path, identity)
-        pinned = self._pin(socket_path, identity)
+        if fits_an_address(path):
+            return Endpoint(name, socket_path, upstream_path, identity, path)
+        pinned = self._pin(path, identity)
         return Endpoint(
             name, socket_path, upstream_path, identity, f"{_PROC_FD}/{pinned.fd}", pinned
+        )
+
+    def _follow(self, entry: str) -> tuple[str, os.stat_result]:
+        """The path to connect to for the directory entry ``entry``, and its status: links in
+        the socket directory are followed only when a trusted user owns them (see the module's
+        description); where a link leads outside it, the system follows the rest. Raises
+        :class:`NoSuchTarget` for a link that is not trusted, OSError as ``os.stat`` does."""
+        st = os.lstat(entry)
+        if not stat.S_ISLNK(st.st_mode):
+            return entry, st  # the common case: one system call, as a plain stat was
+        directory = os.stat(self._sockdir)
+        trusted = {directory.st_uid, os.geteuid()}
+        path = entry
+        for _ in range(_MAX_LINKS):
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                link = os.fstat(fd)
+                if not stat.S_ISLNK(link.st_mode):
+                    return path, link
+                if link.st_uid not in trusted:
+                    self._untrusted(entry, path, link, directory.st_uid)
+                    raise NoSuchTarget(f"{path}: a link owned by {_user(link.st_uid)}")
+                text = os.readlink("", dir_fd=fd)  # the text of this very link (readlinkat)
+            finally:
+                os.close(fd)
+            path = os.path.join(os.path.dirname(path), text)
+            try:
+                parent = os.stat(os.path.dirname(path) or ".")
+            except OSError:
+                parent = None
+            if parent is None or (parent.st_dev, parent.st_ino) != (
+                directory.st_dev,
+                directory.st_ino,
+            ):
+                return path, os.stat(path)  # out of the directory: the system follows it
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), entry)
+
+    def _untrusted(self, entry: str, path: str, link: os.stat_result, owner: int) -> None:
+        key = (link.st_dev, link.st_ino)
+        if key in self._warned:
+            return
+        if len(self._warned) >= _MAX_WARNED:
+            self._warned.clear()
+        self._warned.add(key)
+        via = "" if path == entry else f" (reached through {entry})"
+        self._link_log.log(
+            ("untrusted link", link.st_uid),
+            logging.WARNING,
+            f"link {path}{via} is owned by {_user(link.st_uid)}, neither the socket "
+            f"directory's owner ({_user(owner)}) nor aegis's user ({_user(os.geteuid())}): not "
+            "followed; its name is a 404 and is not listed",
         )
 
     def _lookup_failure(self, exc: OSError, socket_path: str, *, in_directory: bool) -> Exception:
@@ -266,14 +368,22 @@ class Targets:
             self._pinned[socket_path] = pinned
         return pinned
 
-    def names(self) -> list[str]:
-        """Every target name: explicit ones always, and each socket in the directory now.
+    def names(self) -> tuple[str, ...]:
+        """Every target name, sorted: explicit ones always, and each socket in the directory
+        now. The very same tuple is returned for as long as the names stay the same, so what
+        is built from it can be kept (``is`` tells whether it still holds).
 
         Raises :class:`DirectoryUnavailable` when the directory cannot be listed: an empty list
         would tell service discovery that every target is gone."""
-        found = set(self._explicit)
-        found.update(self._scan())
-        return sorted(found)
+        found = self._scan()
+        if self._explicit:
+            found = found | self._explicit.keys()
+        last, names = self._names
+        if found is not last:
+            if found != last:
+                names = tuple(sorted(found))
+            self._names = (frozenset(found), names)
+        return names
 
     def count(self) -> int | None:
         """How many targets exist now; None when the directory cannot be listed."""
@@ -285,7 +395,7 @@ class Targets:
     def directory_problem(self) -> str | None:
         return directory_problem(self._sockdir)
 
-    def _scan(self) -> set[str]:
+    def _scan(self) -> frozenset[str] | set[str]:
         try:
             st = os.stat(self._sockdir)
         except OSError as exc:
@@ -299,13 +409,17 @@ class Targets:
             listing = self._list(key)
             settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
             self._listing = listing if settled else None
+        if not listing.links:
+            return listing.sockets  # the same object while the directory does not change
         found = set(listing.sockets)
         for link in listing.links:  # what a link points at may change with no trace here
             try:
-                if stat.S_ISSOCK(os.stat(os.path.join(self._sockdir, link)).st_mode):
+                if stat.S_ISSOCK(self._follow(os.path.join(self._sockdir, link))[1].st_mode):
                     found.add(link[: -len(SOCKET_SUFFIX)])
-            except OSError:
-                continue  # dangling, a loop, or into a directory this process may not search
+            except (OSError, NoSuchTarget):
+                # Dangling, a loop, into a directory this process may not search, or not owned
+                # by a trusted user.
+                continue
         return found
 
     def _list(self, key: tuple[int, ...]) -> _Listing:
@@ -355,6 +469,13 @@ class _Listing:
     key: tuple[int, ...]
     sockets: frozenset[str]
     links: tuple[str, ...]
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _is_plain_socket(entry: os.DirEntry[str]) -> bool:

@@ -7,8 +7,10 @@ keep-alive connections per socket *identity* (device and inode), so connections 
 across sockets and a service that replaced its socket file gets fresh ones.
 
 Everything an upstream sends is bounded or refused: a response head (interim answers included)
-over :data:`MAX_HEAD` bytes, a status outside 100-599, a switch of protocol (101), and bytes
-that do not parse are each an :class:`UpstreamError`; bytes after a complete answer, in the same
+over :data:`MAX_HEAD` bytes, a status outside 100-599, a switch of protocol (101), a redirect
+(any 3xx but 304: a metrics endpoint never redirects, and a scraper that followed one would take
+its credentials for Aegis wherever the service pointed it), and bytes that do not parse are each
+an :class:`UpstreamError`; bytes after a complete answer, in the same
 read or while the connection is idle, are never read as part of any answer (the connection is
 dropped instead of reused). An unsolicited answer that arrives only after the connection was
 reused cannot be told from the answer to the new request (HTTP/1.1 has no request ids): it is
@@ -23,7 +25,6 @@ exchange, llhttp still waiting for the body it was not given.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import NoReturn, cast
@@ -41,6 +42,13 @@ MAX_HEAD = 64 * 1024
 
 # A Content-Length of more digits is refused (an exabyte).
 _MAX_LENGTH_DIGITS = 18
+#: Idle keep-alive connections kept per socket, by default: a scraper asks each target once per
+#: interval, so a few serve it; a burst of concurrent scrapes leaves no more open than this in
+#: Aegis and in the service once it is over.
+MAX_IDLE_PER_SOCKET = 4
+#: Idle connections kept for all sockets together: a client that asks each of thousands of
+#: targets once leaves no more than this many descriptors open.
+MAX_IDLE_TOTAL = 128
 
 
 class UpstreamError(Exception):
@@ -69,8 +77,8 @@ class Exchange(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
-        self.idle_since = 0.0
         self.on_idle_lost: Callable[[Exchange], None] | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None  # closes it when idle too long
         # One parser for the connection's life: llhttp reads consecutive keep-alive answers by
         # itself, and building one binds every callback anew.
         self._parser = httptools.HttpResponseParser(self)
@@ -270,6 +278,14 @@ class Exchange(asyncio.Protocol):
             self._stop(UpstreamError("protocol", f"upstream answered with status {status:03d}"))
         if self._head_size > MAX_HEAD:
             self._stop(UpstreamError("too_large", f"response head over {MAX_HEAD} bytes"))
+        if 300 <= status < 400 and status != 304:
+            # Never relayed: Prometheus follows redirects, with the credentials it has for Aegis.
+            self._stop(
+                UpstreamError(
+                    "redirect",
+                    f"upstream answered {status}: a metrics endpoint does not redirect",
+                )
+            )
         if status < 200:
             # An interim answer (e.g. 103 Early Hints); the real one follows. Its bytes still
             # count towards the head's bound, so endless interim answers are refused too.
@@ -354,12 +370,29 @@ def content_length(value: bytes) -> int:
 
 
 class UpstreamPool:
-    """Idle keep-alive connections, per socket identity; one pool per application."""
+    """Idle keep-alive connections, per socket identity; one pool per application.
 
-    def __init__(self, *, max_idle_per_socket: int = 64, idle_timeout: float = 60.0) -> None:
+    Invariant: an idle connection is closed by its own timer ``idle_timeout`` seconds after it
+    was handed back, whether or not anything asks for that socket again, and at most
+    ``max_idle_per_socket`` per socket and ``max_idle_total`` in all are kept (past either, the
+    connection handed back, or the one idle longest, is closed). So whatever clients do, the
+    descriptors idle connections hold, in Aegis and in every service, are bounded in number
+    and in time.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_idle_per_socket: int = MAX_IDLE_PER_SOCKET,
+        idle_timeout: float = 60.0,
+        max_idle_total: int = MAX_IDLE_TOTAL,
+    ) -> None:
         self._max_idle = max_idle_per_socket
+        self._max_total = max_idle_total
         self._idle_timeout = idle_timeout
         self._idle: dict[tuple[str, tuple[int, int]], deque[Exchange]] = {}
+        # Every idle connection, the one idle longest first.
+        self._by_age: dict[Exchange, None] = {}
 
     async def send(
         self, socket: str, identity: tuple[int, int], request_head: bytes, *, head_only: bool
@@ -394,29 +427,40 @@ class UpstreamPool:
 
     def release(self, conn: Exchange) -> None:
         """Hand back a finished exchange: kept for reuse when the upstream allows it."""
-        if not conn.reusable or self._max_idle == 0:
+        if not conn.reusable or self._max_idle == 0 or self._max_total == 0:
             conn.close()
             return
         idle = self._idle.setdefault((conn.socket, conn.identity), deque())
         if len(idle) >= self._max_idle:
             conn.close()
             return
+        if len(self._by_age) >= self._max_total:
+            self._expire(next(iter(self._by_age)))
         conn.reused = True
-        conn.idle_since = time.monotonic()
         conn.on_idle_lost = self._forget
+        loop = asyncio.get_running_loop()
+        conn.idle_timer = loop.call_later(self._idle_timeout, self._expire, conn)
         idle.append(conn)
+        self._by_age[conn] = None
 
     def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
+        for conn in list(self._by_age):
+            self._expire(conn)
 
     def idle_count(self) -> int:
-        return sum(len(idle) for idle in self._idle.values())
+        return len(self._by_age)
+
+    def _expire(self, conn: Exchange) -> None:
+        self._forget(conn)
+        conn.close()
 
     def _forget(self, conn: Exchange) -> None:
+        """``conn`` is idle no more: taken, expired, or closed by the service."""
         conn.on_idle_lost = None
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+        self._by_age.pop(conn, None)
         key = (conn.socket, conn.identity)
         idle = self._idle.get(key)
         if idle is not None and conn in idle:
@@ -425,19 +469,13 @@ class UpstreamPool:
                 del self._idle[key]
 
     def _take_idle(self, socket: str, identity: tuple[int, int]) -> Exchange | None:
-        key = (socket, identity)
-        idle = self._idle.get(key)
-        if not idle:
-            return None
-        oldest_kept = time.monotonic() - self._idle_timeout
-        while idle and (idle[0].closed or idle[0].idle_since < oldest_kept):
-            idle.popleft().close()
-        conn = idle.pop() if idle else None
-        if not idle:
-            del self._idle[key]
-        if conn is not None:
-            conn.on_idle_lost = None
-        return conn
+        idle = self._idle.get((socket, identity))
+        while idle:
+            conn = idle[-1]  # the most recently used: the least likely to be timed out
+            self._forget(conn)
+            if not conn.closed:
+                return conn
+        return None
 
     async def _connect(self, socket: str, identity: tuple[int, int]) -> Exchange:
         loop = asyncio.get_running_loop()

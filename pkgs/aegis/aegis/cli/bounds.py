@@ -27,6 +27,8 @@ It is a thin protocol wrapped around aiohttp's own, so it relies on nothing insi
 watches the bytes go by for the blank line that ends a head and passes everything through
 untouched. Bytes after a head that are not a new request (a request body) count as a head too;
 Aegis answers GET and HEAD only, and a body it never reads is no reason to keep a connection.
+Empty lines before a request line are skipped by the HTTP parser (RFC 9112 §2.2), so they are no
+head: they are the beginning of the next one, and its deadline runs from the first of them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ __all__ = ["ConnectionBounds", "Connections", "Guard"]
 log = logging.getLogger("aegis.server")
 
 _END_OF_HEAD = b"\r\n\r\n"
+# An end of head followed by CR or LF: empty lines, which start no request (RFC 9112 §2.2).
+_EMPTY_AFTER_HEAD = (b"\r\n\r\n\r", b"\r\n\r\n\n")
+_LINE_ENDS = b"\r\n"
 # After a 431, what the client still sends is read and dropped for a moment (at most this much):
 # closing with unread bytes would make the kernel reset the connection, and the reset can reach
 # the client before it has read the answer.
@@ -169,6 +174,7 @@ class Guard(asyncio.Protocol):
         "_inner",
         "_live",
         "_refused",
+        "_started",
         "_tail",
         "_timer",
         "_transport",
@@ -196,7 +202,8 @@ class Guard(asyncio.Protocol):
         self._write_quiet = 0  # checks in a row that saw no progress
         self._transport: asyncio.Transport | None = None
         self._tail = b""  # the last bytes of a head in progress: the blank line may be split
-        self._head_bytes = 0  # of the head in progress
+        self._head_bytes = 0  # of the head in progress, empty lines before it included
+        self._started = False  # the head in progress has more than empty lines
         self._heads = 0  # complete heads passed on to aiohttp
         self._answered = 0  # answers aiohttp has written out (answered())
         self._deferred = False  # a head is in progress, its deadline waits for answered()
@@ -218,6 +225,7 @@ class Guard(asyncio.Protocol):
         self._disarm()  # the deadline of a head that just completed, in the same read
         self._tail = b""
         self._head_bytes = 0
+        self._started = False
         if self._answered < self._heads:
             self._deferred = True
         else:
@@ -344,13 +352,19 @@ class Guard(asyncio.Protocol):
                 self._transport.abort()
             return
         if self._timer is None and not self._deferred:
-            if data.endswith(_END_OF_HEAD) and len(data) <= self._bounds.max_head_bytes:
-                # The usual scrape: a whole request in one read (or several, pipelined). Nothing
-                # is left pending, so there is no deadline to set and cancel.
+            if (
+                data.endswith(_END_OF_HEAD)
+                and len(data) <= self._bounds.max_head_bytes
+                and data[0] not in _LINE_ENDS
+                and not any(empty in data for empty in _EMPTY_AFTER_HEAD)
+            ):
+                # The usual scrape: a whole request in one read (or several, pipelined), each
+                # head beginning with its request line. Nothing is left pending, so there is no
+                # deadline to set and cancel.
                 self._heads += data.count(_END_OF_HEAD)
                 self._inner.data_received(data)
                 return
-            self._arm()  # the first byte of a new request
+            self._arm()  # the first byte of a new request, or of empty lines before one
         complete = self._count(data)
         if complete < 0:
             self._inner.data_received(data)
@@ -361,28 +375,43 @@ class Guard(asyncio.Protocol):
 
     def _count(self, data: bytes) -> int:
         """Follow the heads in ``data``: -1 if all is well, else how many of its bytes came
-        before the head that is over the bound."""
+        before the head that is over the bound.
+
+        Only a head with a request line counts: a blank line ending nothing but empty lines is
+        skipped by the parser, which answers nothing for it, so counting it would leave the
+        next head waiting for an answer that never comes, with no deadline. Empty lines belong
+        to the head after them: its deadline and its size count them."""
         limit = self._bounds.max_head_bytes
         carried = len(self._tail)  # already counted in _head_bytes
         seen = self._tail + data if carried else data
         size = self._head_bytes
+        started = self._started
         start = 0
+        after_head = -1  # where the last complete head ended in ``seen``
         while (found := seen.find(_END_OF_HEAD, start)) >= 0:
             end = found + len(_END_OF_HEAD)
             size += end - max(start, carried)
             if size > limit:
                 return max(start - carried, 0)
-            self._heads += 1
-            size = 0
+            if started or seen[start:found].strip(_LINE_ENDS):
+                self._heads += 1
+                size = 0
+                started = False
+                after_head = end
             start = end
         size += len(seen) - max(start, carried)
         if size > limit:
             return max(start - carried, 0)
-        if start == len(seen):
+        if after_head == len(seen):
             self._disarm()  # every head so far is complete: the handler takes it from here
-        elif start > 0:
-            self._arm()  # a pipelined request has begun behind the complete one
-            size = len(seen) - start
+            self._started = False
+        else:
+            if after_head > 0:
+                # A pipelined request (or empty lines before one) has begun behind the complete
+                # one: its deadline starts now, or once the answers before it are out.
+                self._arm()
+                size = len(seen) - after_head
+            self._started = started or bool(seen[max(start, after_head) :].strip(_LINE_ENDS))
         self._head_bytes = size
         self._tail = seen[-3:]
         if size > _HEAVY_HEAD:
