@@ -173,13 +173,14 @@ def main(argv: Sequence[str]) -> int:
 async def check_all(targets: Targets, settings: _Settings) -> tuple[str | None, list[Report]]:
     """Why the socket directory's names cannot be listed (None when they can), and a report per
     target, by name."""
+    names: list[str]
     try:
-        names = targets.names()
+        listed = targets.names()
         problem = None
     except DirectoryUnavailable as exc:
         names, problem = sorted(targets.explicit), exc.reason
     else:
-        names += _unlisted(targets.sockdir, set(names))
+        names = [*listed, *_unlisted(targets.sockdir, set(listed))]
     pool = UpstreamPool(max_idle_per_socket=0)
     parsing = asyncio.Semaphore(1)
     reports: list[Report] = []

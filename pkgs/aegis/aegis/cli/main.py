@@ -9,6 +9,7 @@ hands the rest to :func:`aegis.proxy.make_app`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, ConfigError
 from ..configfile import load_targets
 from ..proxy import make_app
-from ..targets import Target
+from ..targets import Target, socket_file_identity
 from ..webauth import setup_web_config
 from ..webconfig import WebConfig, WebConfigError, load_web_config, server_ssl_context
 from . import logformat
@@ -123,6 +124,9 @@ def _run(
     max_fds = raise_fd_limit()
     log.debug("open files limit: %d", max_fds)
     files = socket_files(listeners)
+    # A target that is one of these sockets would proxy Aegis to itself: refused (kind loop).
+    own = frozenset(identity for sock in socks if (identity := socket_file_identity(sock)))
+    config = dataclasses.replace(config, listener_sockets=config.listener_sockets | own)
     try:
         registry = CollectorRegistry(auto_describe=True)
         register_process_metrics(registry)
