@@ -230,6 +230,7 @@ async def start(children: Children, sockdir: Path) -> tuple[Aegis, int]:
 
 
 @needs_aegis
+@pytest.mark.slow
 async def test_chaos_then_the_invariants(
     sockdir: Path, upstreams: Upstreams, children: Children
 ) -> None:

@@ -22,7 +22,8 @@ from aegisrun import Aegis, Children, free_port, fresh_get, needs_aegis
 
 from conftest import Upstreams
 
-pytestmark = needs_aegis
+# End to end with real processes: deselect with -m 'not slow' for a quick run.
+pytestmark = [needs_aegis, pytest.mark.slow]
 
 PAGE = "chaos_value 1\n"
 # Prometheus' header: an upstream deadline far past the grace period.

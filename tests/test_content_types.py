@@ -13,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aegisrun import Children, needs_aegis
 from prometheusrun import Build, Prometheus, up_by_name
 
 from conftest import RawHandler, Upstreams
 
-pytestmark = needs_aegis
+# End to end with real processes: deselect with -m 'not slow' for a quick run.
+pytestmark = [needs_aegis, pytest.mark.slow]
 
 PAGE = b"# TYPE svc_value gauge\nsvc_value 1\n"
 #: service name -> the Content-Type it sends (None: no header at all) and its page.

@@ -7,11 +7,13 @@ import gzip
 import subprocess
 
 import aiohttp
+import pytest
 from aegisrun import needs_aegis
 from aiohttp import web
 from prometheusrun import Series
 
-pytestmark = needs_aegis
+# End to end with real processes: deselect with -m 'not slow' for a quick run.
+pytestmark = [needs_aegis, pytest.mark.slow]
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 

@@ -34,7 +34,8 @@ from daemons import (
 )
 from prometheusrun import Build, Prometheus, Series
 
-pytestmark = needs_aegis
+# End to end with real processes: deselect with -m 'not slow' for a quick run.
+pytestmark = [needs_aegis, pytest.mark.slow]
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 #: The labels Prometheus gives each sample of a target.

@@ -817,6 +817,7 @@ def build_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
+@pytest.mark.slow
 def test_the_check_phase_passes_on_exactly_the_packaged_files(
     nixpkgs_lib: Path, tmp_path: Path, build_dir: Path
 ) -> None:

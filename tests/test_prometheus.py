@@ -9,13 +9,15 @@ from pathlib import Path
 
 import aiohttp
 import bcrypt
+import pytest
 import trustme
 from aegisrun import Children, needs_aegis
 from prometheusrun import Build, Prometheus, up_is
 
 from conftest import Upstreams
 
-pytestmark = needs_aegis
+# End to end with real processes: deselect with -m 'not slow' for a quick run.
+pytestmark = [needs_aegis, pytest.mark.slow]
 
 
 async def test_prometheus_scrapes_and_discovers_over_tls_with_basic_auth_and_sees_a_new_socket(

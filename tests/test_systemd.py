@@ -59,6 +59,7 @@ NSPAWN = shutil.which("systemd-nspawn")
 NSENTER = shutil.which("nsenter")
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(
         Path("/etc/aegis-ci-root").is_file(),
         reason="inside the Debian 13 root of .ci/debian13: the host's run of this file boots it",
