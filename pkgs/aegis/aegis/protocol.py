@@ -1,4 +1,5 @@
-"""What every request to Aegis must be, whatever its path: HTTP/1.x with at most one valid Host.
+"""What every request to Aegis must be, whatever its path: HTTP/1.x with at most one valid Host,
+and no asterisk-form target.
 
 * **Version.** aiohttp's parser takes ``HTTP/0.9`` and ``HTTP/2.0`` request lines and would
   answer them as if they were HTTP/1.x (with their own version in the status line). Like Go's
@@ -10,6 +11,11 @@
   else is 400. What a client sends as its Host is repeated in ``/-/sd`` once per target and
   forwarded to the service as ``X-Forwarded-Host``: this bounds both. (aiohttp already refuses
   an HTTP/1.1 request without Host, and two Host fields.)
+* **Asterisk form.** ``*`` is a request target for ``OPTIONS`` only (RFC 9112, section 3.2.4).
+  aiohttp from 3.14 refuses it for any other method in its parser (400, connection closed);
+  before 3.14 (nixpkgs 26.05 has 3.13) it reached the router, whose own 404 went uncounted on a
+  kept connection. It is answered as 3.14 does, whichever aiohttp runs: a client's mistake, one
+  debug line, not counted, like the parser's refusals.
 * **Server.** No ``Server`` header on Aegis's own answers: the version of Python and aiohttp is
   nobody's business, and exporters send none. aiohttp adds one to every answer it prepares;
   :func:`drop_server_header`, an ``on_response_prepare`` hook, takes it out again.
@@ -21,6 +27,7 @@ like a 405, so a client cannot make a name a label value by sending a bad head.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Callable
 
@@ -30,6 +37,8 @@ from aiohttp.typedefs import Handler
 from .relay import Relayed
 
 __all__ = ["MAX_HOST", "RequestCheck", "drop_server_header", "listener_address", "valid_host"]
+
+log = logging.getLogger(__name__)
 
 #: The longest Host accepted, in bytes (a DNS name is at most 253 characters).
 MAX_HOST = 255
@@ -102,6 +111,15 @@ class RequestCheck:
             )
             response.force_close()
             return response
+        if request.raw_path == "*" and request.method != hdrs.METH_OPTIONS:
+            reason = f"request target * with {request.method}"
+            log.debug(
+                "malformed request",
+                extra={"client": request.remote, "status": 400, "reason": reason},
+            )
+            refused = web.Response(status=400, text=f"400: {reason}\n")
+            refused.force_close()
+            return refused
         host = request.headers.get(hdrs.HOST)
         if host and not valid_host(host):
             self._count(request, 400)

@@ -41,7 +41,6 @@ from .limits import Limits
 from .logs import Throttled
 from .metrics import ProxyMetrics, serve_metrics
 from .relay import Relayed, relayed_fields
-from .requesttarget import asterisk_form_refused
 from .stopping import STOPPING_KEY, GracePeriod
 from .targets import (
     BadName,
@@ -153,7 +152,7 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
     own (prometheus_client's global ``REGISTRY`` included), where they sit beside its metrics.
     It registers nothing else there; ``/-/metrics`` serves the whole of that registry.
     """
-    app = web.Application(middlewares=[asterisk_form_refused])
+    app = web.Application()
     targets = Targets(config.sockdir, config.targets)
     registry = CollectorRegistry(auto_describe=True) if registry is None else registry
     app[CONFIG_KEY] = config
