@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import ipaddress
 import logging
 import math
-import os
-import pwd
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +38,7 @@ from .limits import Limits
 from .logs import Throttled
 from .metrics import ProxyMetrics, serve_metrics
 from .relay import Relayed, relayed_fields
+from .socketinfo import permission_detail
 from .stopping import STOPPING_KEY, GracePeriod
 from .targets import (
     BadName,
@@ -388,7 +386,7 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
         return scrape.fail("directory", name, "socket directory unavailable", exc.reason)
     except PermissionError as exc:
         scrape.target = name
-        detail = _permission_detail(str(exc.filename))
+        detail = permission_detail(str(exc.filename))
         return scrape.fail("permission", name, "permission denied", detail)
 
     scrape.target = name
@@ -443,7 +441,7 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
             while chunk := await conn.read():
                 await _write(scrape, response, chunk)
     except PermissionError:
-        detail = _permission_detail(endpoint.socket)
+        detail = permission_detail(endpoint.socket)
         return scrape.fail("permission", name, "permission denied", detail)
     except (UpstreamError, TimeoutError) as exc:
         if isinstance(exc, UpstreamError):
@@ -598,38 +596,3 @@ def _abort_client(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-def _permission_detail(path: str) -> str:
-    """Which file, which group, and who we are: what an operator needs to fix the permissions."""
-    try:
-        st = os.stat(path)
-        owner = _user_name(st.st_uid)
-        group = _group_name(st.st_gid)
-        about = f"{path} is {owner}:{group} mode {st.st_mode & 0o7777:04o}"
-    except OSError:
-        parent = os.path.dirname(path) or "."
-        try:
-            st = os.stat(parent)
-            about = (
-                f"directory {parent} is {_user_name(st.st_uid)}:{_group_name(st.st_gid)} "
-                f"mode {st.st_mode & 0o7777:04o}"
-            )
-        except OSError:
-            about = f"{path} cannot be inspected"
-    groups = ",".join(_group_name(gid) for gid in sorted(set(os.getgroups()) | {os.getegid()}))
-    return f"{about}; aegis runs as {_user_name(os.geteuid())} in groups {groups}"
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
