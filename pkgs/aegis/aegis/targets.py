@@ -258,8 +258,9 @@ class Targets:
         """The endpoint behind ``name``.
 
         Raises :class:`BadName`, :class:`NoSuchTarget`, :class:`DirectoryUnavailable` (a name in
-        the socket directory when the directory itself fails), or :class:`PermissionError` when
-        an explicit target's socket exists but this process may not look at it.
+        the socket directory when the directory itself fails), :class:`PermissionError` when
+        an explicit target's socket exists but this process may not look at it, or another
+        OSError when the process is out of descriptors (EMFILE, ENFILE).
         """
         explicit = self._explicit.get(name)
         try:
@@ -374,6 +375,8 @@ class Targets:
             try:
                 pinned = _Pinned.open(socket_path, follow=follow)
             except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    raise  # nothing wrong with the socket: the connect would fail the same way
                 raise NoSuchTarget(f"{socket_path}: {_describe(exc)}") from None
             if pinned.identity != identity:  # replaced between stat and open: ask again later
                 raise NoSuchTarget(f"{socket_path}: replaced while being looked up")
