@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,57 @@ async def test_clients_that_read_nothing_share_one_answer_however_many_and_whate
             body = (await reader.read(-1)).partition(b"\r\n\r\n")[2]
             writer.close()
             assert json.loads(body) == [{"targets": [host], "labels": label} for label in labels]
+    finally:
+        for sock in readers:
+            sock.close()
+        await runner.cleanup()
+
+
+async def test_a_client_with_a_host_of_its_own_that_reads_nothing_holds_one_piece(
+    sockdir: Path, tmp_path: Path
+) -> None:
+    """Past the kept answers, each client's /-/sd is built as it is sent: a client that reads
+    nothing holds the transport's buffer and one piece. It held four pieces of 256 targets
+    (the one waiting, the next built ahead, its chunked copy, its text): 370 KB with a 255-byte
+    Host, so 1000 such clients took 370 MB."""
+    stale_sockets(sockdir, 3000)
+    app = make_app(Config(sockdir=sockdir))
+    answers = app[ANSWERS_KEY]
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    listener = tmp_path / "aegis.sock"
+    await web.UnixSite(runner, str(listener)).start()
+    readers: list[socket.socket] = []
+    hosts = iter(f"{index:03d}" + "h" * (MAX_HOST - 3) for index in range(1000))
+    try:
+        for _ in range(MAX_KEPT_ANSWERS):  # the kept answers, read whole
+            reader, writer = await asyncio.open_unix_connection(str(listener))
+            writer.write(f"GET /-/sd HTTP/1.0\r\nHost: {next(hosts)}\r\n\r\n".encode())
+            await reader.read(-1)
+            writer.close()
+        clients = 40
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            readers += [await stalled(listener, "/-/sd", next(hosts)) for _ in range(clients)]
+            server = runner.server
+            assert server is not None
+
+            def stalled_writers() -> int:
+                # Each writer waits once its transport holds the high-water mark (64 KiB).
+                transports = (handler.transport for handler in server.connections)
+                return sum(
+                    1
+                    for transport in transports
+                    if transport is not None and transport.get_write_buffer_size() >= 1 << 16
+                )
+
+            await until(lambda: answers.sending == clients, "every client waited for")
+            await until(lambda: stalled_writers() == clients, "every writer waiting")
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held / clients < 256 * 1024, f"{held / clients / 1024:.0f} KiB per client"
     finally:
         for sock in readers:
             sock.close()

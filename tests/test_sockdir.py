@@ -110,6 +110,52 @@ async def test_the_real_command_reaches_a_long_name_not_the_decoy(
         assert await fresh_get(f"http://127.0.0.1:{port}/{name}") == (200, b"mine 1\n")
 
 
+@needs_aegis
+async def test_out_of_descriptors_a_socket_that_is_there_is_a_502_never_a_404(
+    serve_page: ServePage, dir60: Path, children: Children
+) -> None:
+    """A long name takes a descriptor of its socket file before the connect: with none left,
+    the socket is there all the same, and the answer is what the connect would say (502, kind
+    connect, logged), never a quiet 404 "no such target"."""
+    name = "n" * 90
+    await serve_page(bind_anywhere(dir60 / f"{name}.sock"), "mine 1\n")
+    port = free_port()
+    child = children.start(
+        *("-hostport", f"127.0.0.1:{port}", "-sockdir", str(dir60)),
+        prefix=("sh", "-c", 'ulimit -n 40 && exec "$@"', "sh"),
+    )
+    await child.ready("127.0.0.1", port)
+    healthy = b"GET /-/healthy HTTP/1.1\r\nHost: a\r\n\r\n"
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    while True:  # connections, each a descriptor in Aegis, until it can accept no more
+        assert len(held) < 40, "aegis accepted more connections than it has descriptors"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(healthy)
+        try:
+            await asyncio.wait_for(reader.readuntil(b"Healthy.\n"), 1.0)
+        except TimeoutError:
+            break  # left waiting to be accepted
+        held.append((reader, writer))
+    # Now none is left: the last connection waits to be accepted.
+    scrape_reader, scrape_writer = held[0]
+    scrape_writer.write(f"GET /{name} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    head = await asyncio.wait_for(scrape_reader.readuntil(b"\r\n\r\n"), 10.0)
+    length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+    answer = head + await asyncio.wait_for(scrape_reader.readexactly(length), 10.0)
+    writer.close()
+    for _, held_writer in held:
+        held_writer.close()
+    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert answer.endswith(b"cannot connect: Too many open files\n"), answer
+    status, page = await fresh_get(f"http://127.0.0.1:{port}/-/metrics", within=20.0)
+    assert status == 200
+    text = page.decode()
+    assert value(text, "aegis_requests_total", code="502", target=name) == 1
+    assert value(text, "aegis_requests_total", code="404", target="") == 0
+    assert value(text, "aegis_upstream_errors_total", kind="connect", target=name) == 1
+    assert f"502 {name}: upstream: cannot connect: Too many open files" in child.output()
+
+
 async def test_an_explicit_target_with_a_long_path_is_reached_too(
     aegis: AegisFactory, serve_page: ServePage, dir60: Path, sockdir: Path
 ) -> None:

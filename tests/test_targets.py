@@ -18,6 +18,7 @@ from aegis.targets import (
     Targets,
     check_name,
 )
+from aegis.upstream import UpstreamPool
 from conftest import AegisFactory, Upstreams, raw_http
 
 
@@ -190,12 +191,13 @@ def test_a_long_socket_path_is_reached_through_a_descriptor_of_that_very_file(
 def test_descriptors_of_long_paths_are_bounded_and_closed_once_unused(tmp_path: Path) -> None:
     sockdir = tmp_path / ("d" * 80)
     sockdir.mkdir()
-    held = [bind_anywhere(sockdir / f"svc{i:03d}.{'x' * 40}.sock") for i in range(100)]
+    count = targets_module._MAX_PINNED + 36
+    held = [bind_anywhere(sockdir / f"svc{i:03d}.{'x' * 40}.sock") for i in range(count)]
     targets = Targets(sockdir, {})
     before = len(os.listdir("/proc/self/fd"))
-    for i in range(100):
+    for i in range(count):
         targets.resolve(f"svc{i:03d}.{'x' * 40}")
-    assert len(os.listdir("/proc/self/fd")) - before <= 64
+    assert len(os.listdir("/proc/self/fd")) - before <= targets_module._MAX_PINNED
     kept = targets.resolve(f"svc000.{'x' * 40}")
     del targets
     assert os.stat(kept.address).st_ino == kept.identity[1]  # still held by the endpoint
@@ -204,6 +206,30 @@ def test_descriptors_of_long_paths_are_bounded_and_closed_once_unused(tmp_path: 
     assert not os.path.exists(address)
     for sock in held:
         sock.close()
+
+
+async def test_an_entry_replaced_by_a_link_after_its_check_is_not_what_is_reached(
+    sockdir: Path, upstreams: Upstreams
+) -> None:
+    """A member of the directory's group renames a link over an entry (a socket of its own)
+    between Aegis's check of it and the connect: the connect must reach the file that was
+    checked, never where the link leads (a socket only Aegis may open)."""
+    private = sockdir.parent / "private"
+    private.mkdir()
+    await upstreams.metrics(private / "secret.sock", "secret 1\n")
+    await upstreams.metrics(sockdir / ".own", "own 1\n")  # a hidden name: no target itself
+    os.link(sockdir / ".own", sockdir / "evil.sock")
+    endpoint = Targets(sockdir, {}).resolve("evil")
+    (sockdir / ".swap").symlink_to(private / "secret.sock")
+    os.rename(sockdir / ".swap", sockdir / "evil.sock")  # atomic, as a racing member does it
+    pool = UpstreamPool()
+    head = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    conn = await pool.send(endpoint.address, endpoint.identity, head, head_only=False)
+    page = b""
+    while piece := await conn.read():
+        page += piece
+    conn.close()
+    assert page == b"own 1\n"
 
 
 def test_a_name_too_long_for_a_deep_directory_is_unknown_not_an_error(tmp_path: Path) -> None:

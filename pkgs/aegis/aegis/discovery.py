@@ -22,7 +22,7 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from json.encoder import encode_basestring_ascii as _json
@@ -75,8 +75,11 @@ def _prefix(request: web.Request, own_path: str) -> str:
     return path[: -len(own_path)] if path.endswith(own_path) else ""
 
 
-#: Names per piece of an answer built as it is sent: about 100 bytes each, plus the address.
-_PIECE_NAMES = 256
+#: Names per piece of an answer built as it is sent: about 100 bytes each, plus the address
+#: (at most 255 bytes): about 23 KiB a piece, under the transport's 64 KiB high-water mark, so
+#: a client that reads nothing holds that buffer and one piece (256 names held four pieces of
+#: 91 KiB each: 370 KB a client, when clients asked with distinct Hosts).
+_PIECE_NAMES = 64
 #: Bytes of a shared answer written at once: the next waits until the client took this one.
 _SLICE = 64 * 1024
 #: Answers kept per set of names: /-/sd for a few addresses (a scraper asks with one or two),
@@ -165,23 +168,23 @@ class Answers:
             await response.prepare(request)
             if request.method == "HEAD":
                 return response
+            # The last piece goes with write_eof, which then waits while the transport's
+            # buffer is full: a pipelined request is taken only then, as after any other
+            # answer. (Typed bytes; aiohttp takes any buffer, and a memoryview saves a copy.)
             if whole is not None:
+                # Slices of the shared body cost nothing to make ahead.
                 view = memoryview(whole.body)
-                pieces: Iterable[bytes | memoryview] = (
-                    view[start : start + _SLICE] for start in range(0, len(view), _SLICE)
-                )
+                starts = range(0, len(view), _SLICE)
+                for start in starts[:-1]:
+                    await response.write(cast(bytes, view[start : start + _SLICE]))
+                await response.write_eof(cast(bytes, view[starts[-1] :] if starts else b""))
             else:
                 assert not isinstance(answer, _Whole)
-                pieces = answer
-            last: bytes | memoryview = b""
-            for piece in pieces:
-                if last:
-                    await response.write(last)
-                last = piece
-            # The last one with write_eof, which waits while the transport's buffer is full:
-            # a pipelined request is taken only then, as after any other answer.
-            # (Typed bytes; aiohttp takes any buffer, and a memoryview saves a copy.)
-            await response.write_eof(cast(bytes, last))
+                # One piece at a time, never the next built while one waits to be written;
+                # chunked, so write_eof's closing chunk is a write that waits too.
+                for piece in answer:
+                    await response.write(piece)
+                await response.write_eof()
         except ConnectionError:
             pass  # the client went away: nothing more to send
         finally:
@@ -240,8 +243,11 @@ def _joined(
     """``first + between.join(map(item, names)) + last``, encoded, in pieces."""
     yield first.encode()
     for start in range(0, len(names), _PIECE_NAMES):
-        piece = between.join(map(item, names[start : start + _PIECE_NAMES]))
-        yield (between + piece if start else piece).encode()
+        # No name for the text: the generator would keep it while the piece waits.
+        yield (
+            (between if start else "")
+            + between.join(map(item, names[start : start + _PIECE_NAMES]))
+        ).encode()
     yield last.encode()
 
 

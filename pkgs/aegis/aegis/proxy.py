@@ -388,6 +388,12 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
         scrape.target = name
         detail = permission_detail(str(exc.filename))
         return scrape.fail("permission", name, "permission denied", detail)
+    except OSError as exc:
+        # Out of descriptors for the one that reaches the socket: what the connect would say,
+        # not a 404 for a socket that is there.
+        scrape.target = name
+        reason = f"upstream: cannot connect: {exc.strerror or exc}"
+        return scrape.fail("connect", name, reason, str(exc.filename or ""))
 
     scrape.target = name
     if (

@@ -45,8 +45,9 @@ MAX_NAME_LENGTH = 100
 #: The longest socket path connected to by name: ``sun_path`` is 108 bytes, Python wants a NUL in
 #: it, and uvloop cuts a longer path at 108 without a word.
 MAX_SOCKET_ADDRESS = 107
-# Descriptors kept open for long socket paths: one per such socket in use, bounded.
-_MAX_PINNED = 64
+# Descriptors kept open for the sockets connected to through /proc/self/fd (every entry of the
+# socket directory, and long paths): one per socket in use, bounded; past it, opened per request.
+_MAX_PINNED = 256
 # How old the directory's time stamps must be before a listing is reused on their word: well
 # past the file system clock's tick (a jiffy, up to 10 ms).
 _SETTLED_NS = 1_000_000_000
@@ -186,8 +187,8 @@ class _Pinned:
         self.identity = identity
 
     @classmethod
-    def open(cls, path: str) -> _Pinned:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    def open(cls, path: str, *, follow: bool = True) -> _Pinned:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -257,40 +258,49 @@ class Targets:
         """The endpoint behind ``name``.
 
         Raises :class:`BadName`, :class:`NoSuchTarget`, :class:`DirectoryUnavailable` (a name in
-        the socket directory when the directory itself fails), or :class:`PermissionError` when
-        an explicit target's socket exists but this process may not look at it.
+        the socket directory when the directory itself fails), :class:`PermissionError` when
+        an explicit target's socket exists but this process may not look at it, or another
+        OSError when the process is out of descriptors (EMFILE, ENFILE).
         """
         explicit = self._explicit.get(name)
         try:
             if explicit is not None:
                 # The operator's own: followed wherever it leads.
                 socket_path, upstream_path = str(explicit.socket), explicit.path
-                path, st = socket_path, os.stat(socket_path)
+                path, st, inside = socket_path, os.stat(socket_path), False
             else:
                 check_name(name)
                 socket_path = os.path.join(self._sockdir, name + SOCKET_SUFFIX)
                 upstream_path = "/metrics"
-                path, st = self._follow(socket_path)
+                path, st, inside = self._follow(socket_path)
         except OSError as exc:
             raise self._lookup_failure(exc, socket_path, in_directory=explicit is None) from None
         if not stat.S_ISSOCK(st.st_mode):
             raise NoSuchTarget(f"{socket_path}: not a socket")
         identity = (st.st_dev, st.st_ino)
-        if fits_an_address(path):
+        # An entry of the socket directory is reached through a descriptor of the very file
+        # checked: connected to by name, a group member could rename a link over the entry
+        # between the check and the connect, and reach any socket Aegis can open. Without
+        # /proc there is no such name: then the path, as for the operator's own targets.
+        fits = fits_an_address(path)
+        if fits and not inside:
             return Endpoint(name, socket_path, upstream_path, identity, path)
-        pinned = self._pin(path, identity)
+        pinned = self._pin(path, identity, follow=not inside, needed=not fits)
+        if pinned is None:
+            return Endpoint(name, socket_path, upstream_path, identity, path)
         return Endpoint(
             name, socket_path, upstream_path, identity, f"{_PROC_FD}/{pinned.fd}", pinned
         )
 
-    def _follow(self, entry: str) -> tuple[str, os.stat_result]:
-        """The path to connect to for the directory entry ``entry``, and its status: links in
+    def _follow(self, entry: str) -> tuple[str, os.stat_result, bool]:
+        """The path to connect to for the directory entry ``entry``, its status, and whether
+        it is an entry of the socket directory (else a trusted link led out of it): links in
         the socket directory are followed only when a trusted user owns them (see the module's
         description); where a link leads outside it, the system follows the rest. Raises
         :class:`NoSuchTarget` for a link that is not trusted, OSError as ``os.stat`` does."""
         st = os.lstat(entry)
         if not stat.S_ISLNK(st.st_mode):
-            return entry, st  # the common case: one system call, as a plain stat was
+            return entry, st, True  # the common case: one system call, as a plain stat was
         directory = os.stat(self._sockdir)
         trusted = {directory.st_uid, os.geteuid()}
         path = entry
@@ -299,7 +309,7 @@ class Targets:
             try:
                 link = os.fstat(fd)
                 if not stat.S_ISLNK(link.st_mode):
-                    return path, link
+                    return path, link, True
                 if link.st_uid not in trusted:
                     self._untrusted(entry, path, link, directory.st_uid)
                     raise NoSuchTarget(f"{path}: a link owned by {_user(link.st_uid)}")
@@ -315,7 +325,8 @@ class Targets:
                 directory.st_dev,
                 directory.st_ino,
             ):
-                return path, os.stat(path)  # out of the directory: the system follows it
+                # Out of the directory: the system follows it.
+                return path, os.stat(path), False
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), entry)
 
     def _untrusted(self, entry: str, path: str, link: os.stat_result, owner: int) -> None:
@@ -346,19 +357,26 @@ class Targets:
             return NoSuchTarget(f"{socket_path}: no such socket")
         return NoSuchTarget(f"{socket_path}: {_describe(exc)}")
 
-    def _pin(self, socket_path: str, identity: tuple[int, int]) -> _Pinned:
+    def _pin(
+        self, socket_path: str, identity: tuple[int, int], *, follow: bool, needed: bool
+    ) -> _Pinned | None:
         """A descriptor of the socket file ``identity`` names: the cached one while the path
-        still names that file, so pooled connections to it stay reusable."""
+        still names that file (a link at the path is followed only if ``follow``). Without
+        /proc, None, unless ``needed`` (a path too long to connect to by name)."""
         pinned = self._pinned.get(socket_path)
         if pinned is None or pinned.identity != identity:
             if not os.path.isdir(_PROC_FD):
+                if not needed:
+                    return None
                 raise NoSuchTarget(
                     f"{socket_path}: longer than {MAX_SOCKET_ADDRESS} bytes, and {_PROC_FD} "
                     "(mount /proc) is needed to reach it"
                 )
             try:
-                pinned = _Pinned.open(socket_path)
+                pinned = _Pinned.open(socket_path, follow=follow)
             except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    raise  # nothing wrong with the socket: the connect would fail the same way
                 raise NoSuchTarget(f"{socket_path}: {_describe(exc)}") from None
             if pinned.identity != identity:  # replaced between stat and open: ask again later
                 raise NoSuchTarget(f"{socket_path}: replaced while being looked up")

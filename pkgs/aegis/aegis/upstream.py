@@ -390,7 +390,9 @@ class UpstreamPool:
         self._max_idle = max_idle_per_socket
         self._max_total = max_idle_total
         self._idle_timeout = idle_timeout
-        self._idle: dict[tuple[str, tuple[int, int]], deque[Exchange]] = {}
+        # Keyed by the socket file's identity alone: the address a connection was made through
+        # may be a /proc/self/fd name (aegis.targets), which changes while the file stays.
+        self._idle: dict[tuple[int, int], deque[Exchange]] = {}
         # Every idle connection, the one idle longest first.
         self._by_age: dict[Exchange, None] = {}
 
@@ -403,7 +405,7 @@ class UpstreamPool:
         connection only once this returns. An idle connection the service closed as it was
         picked up is retried once, on a fresh connection.
         """
-        conn = self._take_idle(socket, identity)
+        conn = self._take_idle(identity)
         if conn is not None:
             try:
                 await conn.start(request_head, head_only=head_only)
@@ -430,7 +432,7 @@ class UpstreamPool:
         if not conn.reusable or self._max_idle == 0 or self._max_total == 0:
             conn.close()
             return
-        idle = self._idle.setdefault((conn.socket, conn.identity), deque())
+        idle = self._idle.setdefault(conn.identity, deque())
         if len(idle) >= self._max_idle:
             conn.close()
             return
@@ -461,15 +463,15 @@ class UpstreamPool:
             conn.idle_timer.cancel()
             conn.idle_timer = None
         self._by_age.pop(conn, None)
-        key = (conn.socket, conn.identity)
+        key = conn.identity
         idle = self._idle.get(key)
         if idle is not None and conn in idle:
             idle.remove(conn)
             if not idle:
                 del self._idle[key]
 
-    def _take_idle(self, socket: str, identity: tuple[int, int]) -> Exchange | None:
-        idle = self._idle.get((socket, identity))
+    def _take_idle(self, identity: tuple[int, int]) -> Exchange | None:
+        idle = self._idle.get(identity)
         while idle:
             conn = idle[-1]  # the most recently used: the least likely to be timed out
             self._forget(conn)

@@ -251,6 +251,8 @@ async def _check(
     except PermissionError as exc:
         detail = permission_detail(str(exc.filename), "aegis check")
         return report.fail("permission", f"permission denied: {detail}")
+    except OSError as exc:  # out of descriptors: what the connect would say
+        return report.fail("connect", f"cannot connect: {exc.strerror or exc}")
     head = _request_head(endpoint.path, settings.timeout)
     conn: Exchange | None = None
     body: list[bytes] = []
