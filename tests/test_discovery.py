@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
+import os
+import pwd
 import socket
 import tracemalloc
 from pathlib import Path
@@ -19,6 +22,16 @@ from aegis.protocol import MAX_HOST
 from aegis.proxy import ANSWERS_KEY, make_app
 from aegis.targets import Target
 from conftest import AegisFactory, Upstreams, raw_http
+
+
+def meta(path: Path) -> dict[str, str]:
+    """The labels /-/sd gives a target whose socket is at ``path``."""
+    st = os.stat(path)
+    return {
+        "__meta_aegis_socket": os.path.realpath(path),
+        "__meta_aegis_socket_owner": pwd.getpwuid(st.st_uid).pw_name,
+        "__meta_aegis_socket_group": grp.getgrgid(st.st_gid).gr_name,
+    }
 
 
 async def test_health_endpoints_answer_plain_200(aegis: AegisFactory) -> None:
@@ -52,11 +65,19 @@ async def test_sd_lists_a_socket_created_after_start_on_the_next_request(
     assert groups == [
         {
             "targets": [f"127.0.0.1:{port}"],
-            "labels": {"__metrics_path__": "/first", "target": "first"},
+            "labels": {
+                "__metrics_path__": "/first",
+                "target": "first",
+                **meta(sockdir / "first.sock"),
+            },
         },
         {
             "targets": [f"127.0.0.1:{port}"],
-            "labels": {"__metrics_path__": "/second", "target": "second"},
+            "labels": {
+                "__metrics_path__": "/second",
+                "target": "second",
+                **meta(sockdir / "second.sock"),
+            },
         },
     ]
 
@@ -88,10 +109,93 @@ async def test_sd_follows_the_external_url(
                 "__scheme__": "https",
                 "__metrics_path__": f"/aegis/{name}",
                 "target": name,
+                **meta(path),
             },
         }
-        for name in ("app", "explicit")
+        for name, path in (("app", sockdir / "app.sock"), ("explicit", elsewhere))
     ]
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket away needs root")
+
+
+@needs_root
+async def test_sd_labels_carry_where_a_link_leads_and_an_owner_without_a_name_by_number(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path, tmp_path: Path
+) -> None:
+    elsewhere = sockdir.parent / "elsewhere.sock"
+    await upstreams.metrics(elsewhere, "up 1\n")
+    nobody = pwd.getpwnam("nobody")
+    os.chown(elsewhere, nobody.pw_uid, nobody.pw_gid)
+    (sockdir / "linked.sock").symlink_to(elsewhere)
+    await upstreams.metrics(sockdir / "numbered.sock", "up 1\n")
+    unnamed = next(n for n in range(54321, 60000) if not known_id(n))
+    os.chown(sockdir / "numbered.sock", unnamed, unnamed)
+    missing = tmp_path / "missing.sock"
+    client = await aegis(targets={"gone": Target("gone", missing)})
+    labels = {
+        group["labels"]["target"]: {
+            key: value for key, value in group["labels"].items() if key.startswith("__meta_")
+        }
+        for group in await (await client.get("/-/sd")).json()
+    }
+    assert labels == {
+        # An explicit target whose socket cannot be looked at: its path, and no owner or group
+        # (empty, which Prometheus takes for absent).
+        "gone": {
+            "__meta_aegis_socket": str(missing),
+            "__meta_aegis_socket_owner": "",
+            "__meta_aegis_socket_group": "",
+        },
+        "linked": {
+            "__meta_aegis_socket": str(elsewhere),
+            "__meta_aegis_socket_owner": "nobody",
+            "__meta_aegis_socket_group": grp.getgrgid(nobody.pw_gid).gr_name,
+        },
+        "numbered": {
+            "__meta_aegis_socket": str(sockdir / "numbered.sock"),
+            "__meta_aegis_socket_owner": str(unnamed),
+            "__meta_aegis_socket_group": str(unnamed),
+        },
+    }
+    # What a link leads to is looked at anew for each answer.
+    os.chown(elsewhere, 0, 0)
+    groups = await (await client.get("/-/sd")).json()
+    [linked] = [group for group in groups if group["labels"]["target"] == "linked"]
+    assert linked["labels"]["__meta_aegis_socket_owner"] == pwd.getpwuid(0).pw_name
+
+
+def known_id(number: int) -> bool:
+    try:
+        pwd.getpwuid(number)
+    except KeyError:
+        try:
+            grp.getgrgid(number)
+        except KeyError:
+            return False
+    return True
+
+
+@needs_root
+async def test_sd_labels_show_the_owner_a_socket_is_given_just_after_it_appeared(
+    aegis: AegisFactory, upstreams: Upstreams, sockdir: Path
+) -> None:
+    """A service binds its socket, then hands it to its user: the facts read in between are
+    read again once the file has settled, and the answer follows."""
+    client = await aegis()
+    await upstreams.metrics(sockdir / "app.sock", "up 1\n")
+
+    async def owner() -> str:
+        [group] = await (await client.get("/-/sd")).json()
+        return str(group["labels"]["__meta_aegis_socket_owner"])
+
+    assert await owner() == pwd.getpwuid(os.geteuid()).pw_name
+    nobody = pwd.getpwnam("nobody")
+    os.chown(sockdir / "app.sock", nobody.pw_uid, nobody.pw_gid)
+    deadline = asyncio.get_running_loop().time() + 5
+    while await owner() != "nobody":
+        assert asyncio.get_running_loop().time() < deadline, "the new owner never showed"
+        await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize(
@@ -273,7 +377,7 @@ async def test_clients_that_read_nothing_share_one_answer_however_many_and_whate
         readers += [await stalled(listener, "/-/sd", "h" * MAX_HOST) for _ in range(50)]
         readers += [await stalled(listener, "/", "aegis") for _ in range(20)]
         await until(lambda: answers.sending == 70, "every client waited for")
-        # 50 stalled clients of a 3.4 MB answer: still the one answer, and one landing page.
+        # 50 stalled clients of a 5 MB answer: still the one answer, and one landing page.
         assert held < answers.held_bytes <= held + 1024 * 1024
         # As many distinct addresses as a client likes: whole answers stay within the bound.
         readers += [
@@ -287,7 +391,10 @@ async def test_clients_that_read_nothing_share_one_answer_however_many_and_whate
         await until(lambda: answers.sending == 0, "every answer ended")
         assert answers.held_bytes <= MAX_KEPT_ANSWERS * len(whole)  # only the kept ones now
         # Every answer, kept or built as it is sent, is the same JSON.
-        labels = [{"__metrics_path__": f"/{name}", "target": name} for name in names]
+        labels = [
+            {"__metrics_path__": f"/{name}", "target": name, **meta(sockdir / f"{name}.sock")}
+            for name in names
+        ]
         for index in (0, 40, 79):
             host = f"{index:03d}" + "h" * (MAX_HOST - 3)
             reader, writer = await asyncio.open_unix_connection(str(listener))

@@ -374,3 +374,31 @@ def test_a_kept_listing_is_dropped_when_the_directory_is_replaced(
     sockdir.mkdir()
     assert list(targets.names()) == []
     held.close()
+
+
+def test_the_catalog_stays_the_same_object_while_what_it_lists_does(
+    tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is built from the catalog (/-/sd, the landing page's rows) is kept while ``is``
+    holds: a change in the directory that changes no target keeps it, a new socket does not."""
+    monkeypatch.setattr(targets_module, "time", _Later)
+    held = [make_socket(sockdir / "a.sock")]
+    targets = Targets(sockdir, {"x": Target("x", tmp_path / "x.sock")})
+    first = targets.catalog()
+    assert first.names == ("a", "x")
+    assert first.sockets["x"].owner == ""  # not there yet
+    assert targets.catalog() is first
+    tick()
+    (sockdir / "notes.txt").write_text("not a socket\n")
+    assert targets.catalog() is first
+    held.append(make_socket(tmp_path / "x.sock"))
+    second = targets.catalog()
+    assert second is not first
+    assert second.sockets["x"].path == str(tmp_path / "x.sock")
+    assert second.sockets["x"].mode == f"{os.stat(tmp_path / 'x.sock').st_mode & 0o7777:04o}"
+    assert targets.catalog() is second
+    tick()
+    held.append(make_socket(sockdir / "b.sock"))
+    assert targets.catalog().names == ("a", "b", "x")
+    for sock in held:
+        sock.close()

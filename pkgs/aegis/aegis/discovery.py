@@ -1,7 +1,7 @@
 """What Aegis tells about itself: the landing page ``/``, ``/-/sd``, ``/-/healthy``, ``/-/ready``.
 
-The lists come from :meth:`aegis.targets.Targets.names` (a directory scan, reused only while the
-directory's time stamps say nothing changed): a socket that appears is listed by the next
+The lists come from :meth:`aegis.targets.Targets.catalog` (a directory scan, reused only while
+the directory's time stamps say nothing changed): a socket that appears is listed by the next
 request. A socket directory that cannot be listed makes ``/-/sd`` a 503 with the reason:
 Prometheus keeps the targets it had (an empty list would make it drop them all); the landing
 page shows the reason.
@@ -9,12 +9,14 @@ page shows the reason.
 ``/-/sd`` is Prometheus HTTP service discovery (``http_sd_configs``): one group per target,
 addressed the way the client reached Aegis (its ``Host`` header, or without one the address of
 the listener it came in on), unless an external URL says how Prometheus should reach it (behind
-a reverse proxy, another host name, TLS in front).
+a reverse proxy, another host name, TLS in front). Each group carries its socket's path (links
+followed), owner and group as ``__meta_aegis_socket*`` labels, from the catalog: nothing is
+looked at per request.
 
 What these answers cost never grows with what a client sends (:class:`Answers`): the address
-is at most 255 bytes (:mod:`aegis.protocol`), and each answer is built once per set of names
-and shared by every client that asks for it, in pieces that wait for the client to read the
-one before, so a client that reads nothing holds no copy of its own.
+is at most 255 bytes (:mod:`aegis.protocol`), and each answer is built once per catalog and
+shared by every client that asks for it, in pieces that wait for the client to read the one
+before, so a client that reads nothing holds no copy of its own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import hdrs, web
 
 from . import __version__, protocol
-from .targets import DirectoryUnavailable, Targets
+from .targets import Catalog, DirectoryUnavailable, Targets
 
 __all__ = ["ENDPOINTS", "Answers", "ExternalURL", "landing", "service_discovery"]
 
@@ -75,14 +77,15 @@ def _prefix(request: web.Request, own_path: str) -> str:
     return path[: -len(own_path)] if path.endswith(own_path) else ""
 
 
-#: Names per piece of an answer built as it is sent: about 100 bytes each, plus the address
-#: (at most 255 bytes): about 23 KiB a piece, under the transport's 64 KiB high-water mark, so
-#: a client that reads nothing holds that buffer and one piece (256 names held four pieces of
-#: 91 KiB each: 370 KB a client, when clients asked with distinct Hosts).
+#: Names per piece of an answer built as it is sent: about 250 bytes each with their socket's
+#: labels, plus the address (at most 255 bytes): at most about 32 KiB a piece, under the
+#: transport's 64 KiB high-water mark, so a client that reads nothing holds that buffer and one
+#: piece (256 names held four pieces of 91 KiB each: 370 KB a client, when clients asked with
+#: distinct Hosts).
 _PIECE_NAMES = 64
 #: Bytes of a shared answer written at once: the next waits until the client took this one.
 _SLICE = 64 * 1024
-#: Answers kept per set of names: /-/sd for a few addresses (a scraper asks with one or two),
+#: Answers kept per catalog: /-/sd for a few addresses (a scraper asks with one or two),
 #: the landing page in HTML and JSON.
 MAX_KEPT_ANSWERS = 6
 #: Whole answers held at once, kept or still being sent, in bytes; past it, an answer that is
@@ -103,17 +106,17 @@ class _Whole:
 
 
 class Answers:
-    """The bodies of ``/`` and ``/-/sd``, built once per set of target names and key (address,
-    scheme and prefix; HTML or JSON), and shared: every client asking for the same answer gets
-    the same bytes object, written out in slices (uvloop's transports write from it without a
-    copy). At most :data:`MAX_KEPT_ANSWERS` are kept per set of names, and whole answers held
-    at once, kept or being sent, take at most :data:`MAX_HELD_BYTES` (plus the one being
-    built); any other answer is built piece by piece while it is sent. So what clients that do
-    not read can pin is bounded: none of them holds more than a piece or a slice of its own,
-    and the transport's buffer (64 KiB), until the write deadline cuts it."""
+    """The bodies of ``/`` and ``/-/sd``, built once per catalog and key (address, scheme and
+    prefix; HTML or JSON), and shared: every client asking for the same answer gets the same
+    bytes object, written out in slices (uvloop's transports write from it without a copy). At
+    most :data:`MAX_KEPT_ANSWERS` are kept per catalog, and whole answers held at once, kept or
+    being sent, take at most :data:`MAX_HELD_BYTES` (plus the one being built); any other
+    answer is built piece by piece while it is sent. So what clients that do not read can pin
+    is bounded: none of them holds more than a piece or a slice of its own, and the
+    transport's buffer (64 KiB), until the write deadline cuts it."""
 
     def __init__(self) -> None:
-        self._names: tuple[str, ...] | None = None
+        self._catalog: Catalog | None = None
         self._kept: dict[Hashable, _Whole] = {}
         self._held = 0
         self.sending = 0  # answers being written now
@@ -123,16 +126,10 @@ class Answers:
         """Bytes of the whole answers kept or being sent (each counted once)."""
         return self._held
 
-    def get(
-        self, names: tuple[str, ...], key: Hashable, build: Callable[[], Pieces]
-    ) -> _Whole | Pieces:
-        """The answer for ``key`` given ``names``: a shared whole (to :meth:`release` once
+    def get(self, catalog: Catalog, key: Hashable, build: Callable[[], Pieces]) -> _Whole | Pieces:
+        """The answer for ``key`` given ``catalog``: a shared whole (to :meth:`release` once
         sent), or pieces built as they are sent."""
-        if names is not self._names:
-            for outdated in self._kept.values():
-                self.release(outdated)
-            self._kept.clear()
-            self._names = names
+        self._follow(catalog)
         whole = self._kept.get(key)
         if whole is None:
             if len(self._kept) >= MAX_KEPT_ANSWERS or self._held >= MAX_HELD_BYTES:
@@ -141,6 +138,14 @@ class Answers:
             self._take(whole)  # the cache's hold
         self._take(whole)
         return whole
+
+    def _follow(self, catalog: Catalog) -> None:
+        """Forget what was built from another catalog."""
+        if catalog is not self._catalog:
+            for outdated in self._kept.values():
+                self.release(outdated)
+            self._kept.clear()
+            self._catalog = catalog
 
     def _take(self, whole: _Whole) -> None:
         if not whole.users:
@@ -198,7 +203,7 @@ async def service_discovery(
     request: web.Request, targets: Targets, external: ExternalURL | None, answers: Answers
 ) -> web.StreamResponse:
     try:
-        names = targets.names()
+        catalog = targets.catalog()
     except DirectoryUnavailable as exc:
         return web.Response(status=503, text=f"socket directory unavailable: {exc.reason}\n")
     labels: dict[str, str] = {}
@@ -218,23 +223,30 @@ async def service_discovery(
         if request.secure:
             labels["__scheme__"] = "https"
     key = ("sd", address, tuple(labels.items()), prefix)
-    answer = answers.get(names, key, lambda: _sd_groups(names, address, labels, prefix))
+    answer = answers.get(catalog, key, lambda: _sd_groups(catalog, address, labels, prefix))
     return await answers.send(request, "application/json", answer)
 
 
-def _sd_groups(names: Sequence[str], address: str, labels: dict[str, str], prefix: str) -> Pieces:
+def _sd_groups(catalog: Catalog, address: str, labels: dict[str, str], prefix: str) -> Pieces:
     """``json.dumps`` of one group per name, to the byte, written out by hand (with ten
     thousand sockets the generic encoder alone took longer than the whole answer may), in
     pieces of :data:`_PIECE_NAMES` groups."""
     common = "".join(f"{_json(key)}: {_json(value)}, " for key, value in labels.items())
     head = f'{{"targets": {json.dumps([address])}, "labels": {{{common}"__metrics_path__": '
-    return _joined(
-        "[",
-        names,
-        lambda name: f'{head}{_json(f"{prefix}/{name}")}, "target": {_json(name)}}}}}',
-        ", ",
-        "]",
-    )
+    sockets = catalog.sockets
+
+    def group(name: str) -> str:
+        # Empty owner and group (an explicit target's socket that cannot be looked at) are, to
+        # Prometheus, labels that are not there.
+        file = sockets[name]
+        return (
+            f'{head}{_json(f"{prefix}/{name}")}, "target": {_json(name)}, '
+            f'"__meta_aegis_socket": {_json(file.path)}, '
+            f'"__meta_aegis_socket_owner": {_json(file.owner)}, '
+            f'"__meta_aegis_socket_group": {_json(file.group)}}}}}'
+        )
+
+    return _joined("[", catalog.names, group, ", ", "]")
 
 
 def _joined(
@@ -277,10 +289,11 @@ def _wants_json(accept: str) -> bool:
 
 async def landing(request: web.Request, targets: Targets, answers: Answers) -> web.StreamResponse:
     try:
-        names, problem = targets.names(), None
+        catalog, problem = targets.catalog(), None
     except DirectoryUnavailable as exc:
         # The explicit targets are still served; the directory's are unknown.
-        names, problem = tuple(sorted(targets.explicit)), exc.reason
+        catalog, problem = targets.explicit_catalog(), exc.reason
+    names = catalog.names
     wants_json = _wants_json(request.headers.get("Accept", ""))
     if wants_json:
         directory = {"path": str(targets.sockdir), "error": problem}
@@ -291,7 +304,7 @@ async def landing(request: web.Request, targets: Targets, answers: Answers) -> w
         content_type = "text/html"
     if problem is not None:  # the explicit targets only: a small answer, not kept
         return await answers.send(request, content_type, build())
-    return await answers.send(request, content_type, answers.get(names, wants_json, build))
+    return await answers.send(request, content_type, answers.get(catalog, wants_json, build))
 
 
 def _landing_json(names: Sequence[str], directory: dict[str, str | None]) -> Pieces:

@@ -11,7 +11,15 @@ import os
 import pwd
 from dataclasses import dataclass
 
-__all__ = ["SocketFile", "group_name", "permission_detail", "socket_file", "user_name", "whoami"]
+__all__ = [
+    "OwnerNames",
+    "SocketFile",
+    "group_name",
+    "permission_detail",
+    "socket_file",
+    "user_name",
+    "whoami",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +32,27 @@ class SocketFile:
     group: str
     #: The permission bits, as ``chmod`` takes them: ``"0660"``.
     mode: str
+
+
+class OwnerNames:
+    """A socket file's facts from its status, each owner and group looked up once: with
+    thousands of sockets owned by a few users, the user and group databases (which NSS may read
+    from a file per lookup, or ask a service) are asked a few times, not thousands."""
+
+    __slots__ = ("_groups", "_users")
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def file(self, path: str, st: os.stat_result) -> SocketFile:
+        user = self._users.get(st.st_uid)
+        if user is None:
+            user = self._users[st.st_uid] = user_name(st.st_uid)
+        group = self._groups.get(st.st_gid)
+        if group is None:
+            group = self._groups[st.st_gid] = group_name(st.st_gid)
+        return SocketFile(path, user, group, _mode(st.st_mode))
 
 
 def socket_file(path: str) -> SocketFile | None:

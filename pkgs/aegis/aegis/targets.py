@@ -22,6 +22,13 @@ A Unix socket address holds at most 107 bytes of path (``sun_path``); the event 
 silently truncates a longer one, and a truncated path can name a different socket. A longer
 socket path is opened with ``O_PATH`` and reached through ``/proc/self/fd/N``, which names
 exactly the inode that was checked.
+
+The list of targets (:meth:`Targets.catalog`) carries each socket's file, owner, group and mode,
+taken from the status the listing reads anyway to tell sockets from other files: they cost no
+system call of their own. A socket's facts are read again when the directory changes, unless
+they were read well after the file last changed (its ctime): a service that binds its socket
+and then changes its owner or mode at once is seen as it ends up. A change much later to a
+socket that stays shows once the socket is made anew (the service restarts) or Aegis does.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .logs import Throttled
+from .socketinfo import OwnerNames, SocketFile
 
 SOCKET_SUFFIX = ".sock"
 MAX_NAME_LENGTH = 100
@@ -221,15 +230,32 @@ class Endpoint:
             object.__setattr__(self, "address", self.socket)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Catalog:
+    """Every target now, and its socket's facts: what ``/-/sd`` and the landing page list.
+
+    The same object while nothing in it changes (:meth:`Targets.catalog`), so what is built
+    from it can be kept, and ``is`` tells whether it still holds."""
+
+    #: Every target name, sorted.
+    names: tuple[str, ...]
+    #: Each name's socket: where its links lead, its owner, group and mode. An explicit target
+    #: whose socket cannot be looked at (missing, or in a directory this process may not
+    #: search) has its configured path, and empty owner, group and mode.
+    sockets: Mapping[str, SocketFile]
+
+
 class Targets:
     """Resolves names against the explicit targets first, then the socket directory."""
 
     __slots__ = (
+        "_catalog",
+        "_catalog_from",
         "_explicit",
+        "_files",
         "_kinds",
         "_link_log",
         "_listing",
-        "_names",
         "_pinned",
         "_sockdir",
         "_warned",
@@ -241,10 +267,15 @@ class Targets:
         self._warned: set[tuple[int, int]] = set()  # untrusted links logged, by (dev, inode)
         self._link_log = Throttled(log)
         self._pinned: dict[str, _Pinned] = {}
-        self._kinds: dict[str, tuple[int, bool]] = {}
+        self._kinds: dict[str, _Kind] = {}
         self._listing: _Listing | None = None
-        # The last names found, and them sorted: the same tuple while they stay the same.
-        self._names: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
+        # The last catalog, and what it was made of: the listing and the facts of the links'
+        # and explicit targets' sockets, which are looked at anew each time.
+        self._catalog: Catalog | None = None
+        self._catalog_from: tuple[_Listing | None, dict[str, SocketFile]] = (None, {})
+        # Facts of sockets reached through links or explicit targets, by the path named: the
+        # same while the file's status says the same (a path's links are resolved only then).
+        self._files: dict[str, tuple[tuple[int, ...], SocketFile]] = {}
 
     @property
     def sockdir(self) -> Path:
@@ -388,32 +419,48 @@ class Targets:
 
     def names(self) -> tuple[str, ...]:
         """Every target name, sorted: explicit ones always, and each socket in the directory
-        now. The very same tuple is returned for as long as the names stay the same, so what
-        is built from it can be kept (``is`` tells whether it still holds).
+        now (:attr:`Catalog.names`).
 
         Raises :class:`DirectoryUnavailable` when the directory cannot be listed: an empty list
         would tell service discovery that every target is gone."""
-        found = self._scan()
-        if self._explicit:
-            found = found | self._explicit.keys()
-        last, names = self._names
-        if found is not last:
-            if found != last:
-                names = tuple(sorted(found))
-            self._names = (frozenset(found), names)
-        return names
+        return self.catalog().names
+
+    def catalog(self) -> Catalog:
+        """Every target and its socket's facts. The very same object is returned for as long
+        as they stay the same. Raises :class:`DirectoryUnavailable` as :meth:`names` does."""
+        listing = self._current_listing()
+        # Looked at each time: what a link points at, or an explicit socket, may change with no
+        # trace in the directory. A few system calls each; the directory's sockets cost none.
+        files = self._followed_files(listing.links)
+        files.update(self._explicit_files())
+        self._files = {path: self._files[path] for path in self._used(listing.links)}
+        last = self._catalog
+        from_listing, from_files = self._catalog_from
+        if last is not None and from_listing is listing and from_files == files:
+            return last
+        merged = {**listing.sockets, **files} if files else listing.sockets
+        if last is None or last.sockets != merged:
+            last = self._catalog = Catalog(tuple(sorted(merged)), merged)
+        self._catalog_from = (listing, files)
+        return last
+
+    def explicit_catalog(self) -> Catalog:
+        """The explicit targets alone, with their sockets' facts: what is left to list when the
+        socket directory cannot be (a new object each time)."""
+        files = self._explicit_files()
+        return Catalog(tuple(sorted(files)), files)
 
     def count(self) -> int | None:
         """How many targets exist now; None when the directory cannot be listed."""
         try:
-            return len(self._explicit.keys() | self._scan())
+            return len(self.catalog().names)
         except DirectoryUnavailable:
             return None
 
     def directory_problem(self) -> str | None:
         return directory_problem(self._sockdir)
 
-    def _scan(self) -> frozenset[str] | set[str]:
+    def _current_listing(self) -> _Listing:
         try:
             st = os.stat(self._sockdir)
         except OSError as exc:
@@ -426,27 +473,66 @@ class Targets:
         if listing is None or listing.key != key:
             listing = self._list(key)
             settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
-            self._listing = listing if settled else None
-        if not listing.links:
-            return listing.sockets  # the same object while the directory does not change
-        found = set(listing.sockets)
-        for link in listing.links:  # what a link points at may change with no trace here
+            # Kept once its sockets' facts are settled too, so that they are read again then.
+            self._listing = listing if settled and listing.settled else None
+        return listing
+
+    def _followed_files(self, links: tuple[str, ...]) -> dict[str, SocketFile]:
+        """The links of the directory that lead to a socket, by target name, with its facts."""
+        found: dict[str, SocketFile] = {}
+        for link in links:
+            entry = os.path.join(self._sockdir, link)
             try:
-                if stat.S_ISSOCK(self._follow(os.path.join(self._sockdir, link))[1].st_mode):
-                    found.add(link[: -len(SOCKET_SUFFIX)])
+                path, st, _ = self._follow(entry)
             except (OSError, NoSuchTarget):
                 # Dangling, a loop, into a directory this process may not search, or not owned
                 # by a trusted user.
                 continue
+            if stat.S_ISSOCK(st.st_mode):
+                found[link[: -len(SOCKET_SUFFIX)]] = self._file(entry, path, st)
         return found
+
+    def _explicit_files(self) -> dict[str, SocketFile]:
+        files: dict[str, SocketFile] = {}
+        for name, target in self._explicit.items():
+            path = str(target.socket)
+            try:
+                st = os.stat(path)
+            except OSError:
+                files[name] = SocketFile(path, "", "", "")
+                continue
+            files[name] = self._file(path, path, st)
+        return files
+
+    def _file(self, named: str, path: str, st: os.stat_result) -> SocketFile:
+        """The facts of ``path``'s file (``named`` leads there), kept while its status says
+        the same."""
+        key = (st.st_dev, st.st_ino, st.st_uid, st.st_gid, st.st_mode)
+        kept = self._files.get(named)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        found = OwnerNames().file(os.path.realpath(path), st)
+        self._files[named] = (key, found)
+        return found
+
+    def _used(self, links: tuple[str, ...]) -> list[str]:
+        """The paths whose facts are kept: those of the links and explicit targets now."""
+        used = [os.path.join(self._sockdir, link) for link in links]
+        used += [str(target.socket) for target in self._explicit.values()]
+        return [path for path in used if path in self._files]
 
     def _list(self, key: tuple[int, ...]) -> _Listing:
         # What each plain entry was at the last listing, by inode: a file's type never changes,
-        # so only new entries cost a stat call. Rebuilt from the entries present, so names that
-        # are gone are forgotten.
+        # so only new entries cost a stat call, and sockets whose facts were read too soon after
+        # they changed, once, when they have settled (see the module's description). Rebuilt
+        # from the entries present, so names that are gone are forgotten.
         known, self._kinds = self._kinds, {}
-        sockets: list[str] = []
+        sockets: dict[str, SocketFile] = {}
         links: list[str] = []
+        directory = os.path.join(os.path.realpath(self._sockdir), "")
+        owners = OwnerNames()
+        now = time.time_ns()
+        settled = True
         try:
             with os.scandir(self._sockdir) as entries:
                 for entry in entries:
@@ -462,13 +548,20 @@ class Targets:
                         continue
                     inode = entry.inode()
                     kind = known.get(name)
-                    if kind is not None and kind[0] == inode:
-                        is_socket = kind[1]
-                    else:
-                        is_socket = _is_plain_socket(entry)
-                    self._kinds[name] = (inode, is_socket)
-                    if is_socket:
-                        sockets.append(name[: -len(SOCKET_SUFFIX)])
+                    if (
+                        kind is None
+                        or kind.inode != inode
+                        or kind.read - kind.changed <= _SETTLED_NS < now - kind.changed
+                    ):
+                        if (st := _socket_status(entry)) is None:
+                            kind = _Kind(inode, None, 0, now)
+                        else:
+                            found = owners.file(directory + name, st)
+                            kind = _Kind(inode, found, st.st_ctime_ns, now)
+                    settled = settled and kind.read - kind.changed > _SETTLED_NS
+                    self._kinds[name] = kind
+                    if kind.socket is not None:
+                        sockets[name[: -len(SOCKET_SUFFIX)]] = kind.socket
         except OSError as exc:
             raise DirectoryUnavailable(f"{self._sockdir}: {_describe(exc)}") from None
         # A directory that may be listed but not searched: its plain entries fail their stat
@@ -476,17 +569,32 @@ class Targets:
         # taken for a dangling link: a list of links would come out empty instead of failing.
         if (problem := directory_problem(self._sockdir)) is not None:
             raise DirectoryUnavailable(problem)
-        return _Listing(key, frozenset(sockets), tuple(links))
+        return _Listing(key, sockets, tuple(links), settled)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Listing:
     """The socket directory's entries, as of the directory's ``key`` (its identity and time
     stamps): plain sockets by target name, and the symlinks (file names) to follow anew."""
 
     key: tuple[int, ...]
-    sockets: frozenset[str]
+    sockets: Mapping[str, SocketFile]
     links: tuple[str, ...]
+    #: Whether every socket's facts were read well after its file last changed.
+    settled: bool
+
+
+class _Kind(NamedTuple):
+    """What a plain entry of the directory was when last looked at."""
+
+    inode: int
+    #: Its facts if it is a socket, else None.
+    socket: SocketFile | None
+    #: The socket file's ctime (0 for other files, whose type is all that matters), and when
+    #: its facts were read: read too soon after a change, they are read again once, when the
+    #: file has settled.
+    changed: int
+    read: int
 
 
 def _user(uid: int) -> str:
@@ -496,13 +604,15 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _is_plain_socket(entry: os.DirEntry[str]) -> bool:
-    """Raises :class:`PermissionError` when the directory may be listed but not searched."""
+def _socket_status(entry: os.DirEntry[str]) -> os.stat_result | None:
+    """The entry's status if it is a socket, else None. Raises :class:`PermissionError` when
+    the directory may be listed but not searched."""
     # The directory says files and directories apart without a stat call; sockets and FIFOs
     # share "neither", so those need one.
     if entry.is_file() or entry.is_dir():
-        return False
+        return None
     try:
-        return stat.S_ISSOCK(entry.stat().st_mode)
+        st = entry.stat()
     except FileNotFoundError:
-        return False  # removed since the listing
+        return None  # removed since the listing
+    return st if stat.S_ISSOCK(st.st_mode) else None
