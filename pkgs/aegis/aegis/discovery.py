@@ -1,4 +1,5 @@
-"""What Aegis tells about itself: the landing page ``/``, ``/-/sd``, ``/-/healthy``, ``/-/ready``.
+"""What Aegis tells about itself: ``/-/sd``, ``/-/healthy``, ``/-/ready``, and how the answers
+listing every target (these and the landing page, :mod:`aegis.landing`) are kept and sent.
 
 The lists come from :meth:`aegis.targets.Targets.catalog` (a directory scan, reused only while
 the directory's time stamps say nothing changed): a socket that appears is listed by the next
@@ -21,25 +22,19 @@ before, so a client that reads nothing holds no copy of its own.
 
 from __future__ import annotations
 
-import html
 import json
-import re
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from json.encoder import encode_basestring_ascii as _json
 from typing import cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
-from . import __version__, protocol
+from . import protocol
 from .targets import Catalog, DirectoryUnavailable, Targets
 
-__all__ = ["ENDPOINTS", "Answers", "ExternalURL", "landing", "service_discovery"]
-
-# Names that read the same in HTML, in a URL path and as text: nothing to escape.
-_PLAIN = re.compile(r"[A-Za-z0-9_.-]+")
+__all__ = ["ENDPOINTS", "PIECE_NAMES", "Answers", "ExternalURL", "joined", "service_discovery"]
 
 #: The reserved paths, in the order the landing page lists them.
 ENDPOINTS = ("/-/metrics", "/-/sd", "/-/healthy", "/-/ready")
@@ -81,12 +76,11 @@ def _prefix(request: web.Request, own_path: str) -> str:
 #: labels, plus the address (at most 255 bytes): at most about 32 KiB a piece, under the
 #: transport's 64 KiB high-water mark, so a client that reads nothing holds that buffer and one
 #: piece (256 names held four pieces of 91 KiB each: 370 KB a client, when clients asked with
-#: distinct Hosts).
-_PIECE_NAMES = 64
+#: distinct Hosts). The landing page's rows are about as long.
+PIECE_NAMES = 64
 #: Bytes of a shared answer written at once: the next waits until the client took this one.
 _SLICE = 64 * 1024
-#: Answers kept per catalog: /-/sd for a few addresses (a scraper asks with one or two),
-#: the landing page in HTML and JSON.
+#: Answers kept per catalog: /-/sd for a few addresses (a scraper asks with one or two).
 MAX_KEPT_ANSWERS = 6
 #: Whole answers held at once, kept or still being sent, in bytes; past it, an answer that is
 #: not kept is built piece by piece as it is sent, each client holding one piece at most.
@@ -106,18 +100,23 @@ class _Whole:
 
 
 class Answers:
-    """The bodies of ``/`` and ``/-/sd``, built once per catalog and key (address, scheme and
-    prefix; HTML or JSON), and shared: every client asking for the same answer gets the same
-    bytes object, written out in slices (uvloop's transports write from it without a copy). At
-    most :data:`MAX_KEPT_ANSWERS` are kept per catalog, and whole answers held at once, kept or
+    """The bodies of ``/-/sd``, built once per catalog and key (address, scheme and prefix),
+    and shared: every client asking for the same answer gets the same bytes object, written out
+    in slices (uvloop's transports write from it without a copy). At most
+    :data:`MAX_KEPT_ANSWERS` are kept per catalog, and whole answers held at once, kept or
     being sent, take at most :data:`MAX_HELD_BYTES` (plus the one being built); any other
     answer is built piece by piece while it is sent. So what clients that do not read can pin
     is bounded: none of them holds more than a piece or a slice of its own, and the
-    transport's buffer (64 KiB), until the write deadline cuts it."""
+    transport's buffer (64 KiB), until the write deadline cuts it.
+
+    An answer with a part that changes between requests (the landing page's last scrapes) keeps
+    its per-target parts instead (:meth:`rows`), one sequence per key and catalog, and is built
+    piece by piece as it is sent."""
 
     def __init__(self) -> None:
         self._catalog: Catalog | None = None
         self._kept: dict[Hashable, _Whole] = {}
+        self._rows: dict[Hashable, Sequence[bytes]] = {}
         self._held = 0
         self.sending = 0  # answers being written now
 
@@ -139,12 +138,24 @@ class Answers:
         self._take(whole)
         return whole
 
+    def rows(
+        self, catalog: Catalog, key: Hashable, build: Callable[[], Sequence[bytes]]
+    ) -> Sequence[bytes]:
+        """The per-target parts of ``key``'s answer given ``catalog``, built once: one per name
+        (as many as the catalog holds, so their bytes grow with the directory, like it)."""
+        self._follow(catalog)
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = build()
+        return rows
+
     def _follow(self, catalog: Catalog) -> None:
         """Forget what was built from another catalog."""
         if catalog is not self._catalog:
             for outdated in self._kept.values():
                 self.release(outdated)
             self._kept.clear()
+            self._rows.clear()
             self._catalog = catalog
 
     def _take(self, whole: _Whole) -> None:
@@ -230,7 +241,7 @@ async def service_discovery(
 def _sd_groups(catalog: Catalog, address: str, labels: dict[str, str], prefix: str) -> Pieces:
     """``json.dumps`` of one group per name, to the byte, written out by hand (with ten
     thousand sockets the generic encoder alone took longer than the whole answer may), in
-    pieces of :data:`_PIECE_NAMES` groups."""
+    pieces of :data:`PIECE_NAMES` groups."""
     common = "".join(f"{_json(key)}: {_json(value)}, " for key, value in labels.items())
     head = f'{{"targets": {json.dumps([address])}, "labels": {{{common}"__metrics_path__": '
     sockets = catalog.sockets
@@ -246,105 +257,20 @@ def _sd_groups(catalog: Catalog, address: str, labels: dict[str, str], prefix: s
             f'"__meta_aegis_socket_group": {_json(file.group)}}}}}'
         )
 
-    return _joined("[", catalog.names, group, ", ", "]")
+    return joined("[", catalog.names, group, ", ", "]")
 
 
-def _joined(
+def joined(
     first: str, names: Sequence[str], item: Callable[[str], str], between: str, last: str
 ) -> Pieces:
     """``first + between.join(map(item, names)) + last``, encoded, in pieces."""
     yield first.encode()
-    for start in range(0, len(names), _PIECE_NAMES):
+    for start in range(0, len(names), PIECE_NAMES):
         # No name for the text: the generator would keep it while the piece waits.
         yield (
-            (between if start else "")
-            + between.join(map(item, names[start : start + _PIECE_NAMES]))
+            (between if start else "") + between.join(map(item, names[start : start + PIECE_NAMES]))
         ).encode()
     yield last.encode()
-
-
-def _wants_json(accept: str) -> bool:
-    """JSON when the client prefers ``application/json`` to HTML; browsers, curl and ties get
-    HTML."""
-    best = {"text/html": 0.0, "application/json": 0.0}
-    for item in accept.split(","):
-        media, *params = (part.strip() for part in item.split(";"))
-        quality = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        media = media.lower()
-        for kind in best:
-            if media == kind or media == "*/*" or media == kind.split("/")[0] + "/*":
-                exact = media == kind
-                # An exact range wins over a wildcard, whatever their order.
-                if exact or best[kind] == 0.0:
-                    best[kind] = quality if exact else max(best[kind], quality)
-    return best["application/json"] > best["text/html"]
-
-
-async def landing(request: web.Request, targets: Targets, answers: Answers) -> web.StreamResponse:
-    try:
-        catalog, problem = targets.catalog(), None
-    except DirectoryUnavailable as exc:
-        # The explicit targets are still served; the directory's are unknown.
-        catalog, problem = targets.explicit_catalog(), exc.reason
-    names = catalog.names
-    wants_json = _wants_json(request.headers.get("Accept", ""))
-    if wants_json:
-        directory = {"path": str(targets.sockdir), "error": problem}
-        build = partial(_landing_json, names, directory)
-        content_type = "application/json"
-    else:
-        build = partial(_landing_html, names, problem)
-        content_type = "text/html"
-    if problem is not None:  # the explicit targets only: a small answer, not kept
-        return await answers.send(request, content_type, build())
-    return await answers.send(request, content_type, answers.get(catalog, wants_json, build))
-
-
-def _landing_json(names: Sequence[str], directory: dict[str, str | None]) -> Pieces:
-    # Written out like /-/sd, for the same reason.
-    return _joined(
-        f'{{"version": {_json(__version__)}, "targets": [',
-        names,
-        lambda name: f'{{"name": {_json(name)}, "path": {_json(f"/{name}")}}}',
-        ", ",
-        f'], "endpoints": {json.dumps(ENDPOINTS)}, "socket_directory": {json.dumps(directory)}}}',
-    )
-
-
-def _landing_html(names: Sequence[str], problem: str | None) -> Pieces:
-    # Relative links, so the page works the same under a path prefix (add_subapp, a proxy).
-    after = ""
-    if problem is not None:
-        after = f"<li><strong>socket directory unavailable: {html.escape(problem)}</strong></li>\n"
-    elif not names:
-        after = "<li>none yet: no socket in the directory</li>\n"
-    endpoints = "".join(f'<li><a href="{path[1:]}">{path}</a></li>\n' for path in ENDPOINTS)
-    return _joined(
-        '<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8">'
-        "<title>Aegis</title></head>\n<body>\n"
-        f"<h1>Aegis</h1>\n<p>Version {html.escape(__version__)}: the Prometheus metrics of "
-        "Unix-socket services, on one TCP port.</p>\n"
-        "<h2>Targets</h2>\n<ul>\n",
-        names,
-        _link,
-        "",
-        f"{after}</ul>\n<h2>Aegis</h2>\n<ul>\n{endpoints}</ul>\n</body>\n</html>\n",
-    )
-
-
-def _link(name: str) -> str:
-    if not _PLAIN.fullmatch(name):  # every name from the directory is plain
-        name, href = html.escape(name), html.escape(quote(name))
-    else:
-        href = name
-    return f'<li><a href="{href}">{name}</a></li>\n'
 
 
 async def healthy(_: web.Request) -> web.Response:

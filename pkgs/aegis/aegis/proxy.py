@@ -31,9 +31,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CollectorRegistry
 
-from . import discovery, protocol
+from . import discovery, landing, protocol
 from .config import Config, ConfigError, parse_duration
 from .dirwatch import DirectoryWatch
+from .lastscrape import LastScrapes, Outcome
 from .limits import Limits
 from .logs import Throttled
 from .metrics import ProxyMetrics, serve_metrics
@@ -69,6 +70,8 @@ METRICS_KEY = web.AppKey("aegis_metrics", ProxyMetrics)
 LIMITS_KEY = web.AppKey("aegis_limits", Limits)
 WATCH_KEY = web.AppKey("aegis_directory_watch", DirectoryWatch)
 ANSWERS_KEY = web.AppKey("aegis_answers", discovery.Answers)
+#: Each target's last scrape, for the landing page.
+LAST_SCRAPES_KEY = web.AppKey("aegis_last_scrapes", LastScrapes)
 #: Aegis's own Unix listeners, as loops through them showed them (see _learn_listener).
 LISTENERS_SEEN_KEY = web.AppKey("aegis_listeners_seen", set[tuple[int, int]])
 _MAX_LISTENERS_SEEN = 64
@@ -161,6 +164,7 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
     app[LIMITS_KEY] = Limits(config.max_concurrent, config.max_concurrent_per_target)
     app[FAILURES_KEY] = Throttled(log)
     app[STOPPING_KEY] = GracePeriod()
+    last_scrapes = app[LAST_SCRAPES_KEY] = LastScrapes()
     app.cleanup_ctx.append(_upstream_pool)
     metrics = app[METRICS_KEY]
 
@@ -175,8 +179,8 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
 
     answers = app[ANSWERS_KEY] = discovery.Answers()
 
-    async def landing(request: web.Request) -> web.StreamResponse:
-        return await discovery.landing(request, targets, answers)
+    async def landing_page(request: web.Request) -> web.StreamResponse:
+        return await landing.landing(request, targets, answers, last_scrapes)
 
     async def service_discovery(request: web.Request) -> web.StreamResponse:
         return await discovery.service_discovery(request, targets, external, answers)
@@ -191,7 +195,7 @@ def make_app(config: Config, *, registry: CollectorRegistry | None = None) -> we
         app.router.add_get("/", _redirect_to(prefix + "/"))
         app.router.add_get(prefix, _redirect_to(prefix + "/"))
     # Names never start with "-", so the reserved /-/ paths can never shadow a target.
-    app.router.add_get(prefix + "/", landing)
+    app.router.add_get(prefix + "/", landing_page)
     app.router.add_get(prefix + "/-/healthy", discovery.healthy)
     app.router.add_get(prefix + "/-/ready", discovery.ready)
     app.router.add_get(prefix + "/-/sd", service_discovery)
@@ -269,19 +273,24 @@ def deadline(request: web.Request, config: Config) -> float:
 class _Scrape:
     """One request for a target, from its arrival to its end: everything it takes (the in-flight
     gauge, a concurrency slot, an upstream connection) is given back in :meth:`__exit__`, on
-    every path, and it is counted exactly once (a scraper that hung up: code 499)."""
+    every path, and it is counted exactly once (a scraper that hung up: code 499), its outcome
+    recorded for the landing page when it was for a target."""
 
     __slots__ = (
         "admitted",
+        "began",
         "budget",
         "conn",
         "counted",
         "failures",
         "grace",
+        "last",
         "limits",
         "metrics",
         "pool",
         "response",
+        "shown",
+        "started",
         "target",
         "writing",
     )
@@ -293,12 +302,17 @@ class _Scrape:
         pool: UpstreamPool,
         grace: GracePeriod,
         failures: Throttled,
+        last: LastScrapes,
     ) -> None:
         self.metrics = metrics
         self.limits = limits
         self.pool = pool
         self.grace = grace
         self.failures = failures
+        self.last = last
+        self.shown = ""  # an explicit target's name that did not resolve: still on the page
+        self.started = time.time()
+        self.began = time.perf_counter()
         self.budget: asyncio.Timeout | None = None  # the upstream deadline, once it runs
         self.target = ""  # the metrics label: "" until a name resolved
         self.admitted = False
@@ -337,6 +351,9 @@ class _Scrape:
         if kind:
             self.metrics.error(self.target, kind)
         self.metrics.request(self.target, status)
+        if name := self.target or self.shown:
+            took = time.perf_counter() - self.began
+            self.last.record(name, Outcome(status, kind, self.started, took))
 
     def fail(self, kind: str, name: str, reason: str, detail: str = "") -> web.Response:
         """A scrape that failed before the upstream's answer began: counted, logged with the
@@ -357,7 +374,12 @@ class _Scrape:
 async def _handle(request: web.Request) -> web.StreamResponse:
     app = request.app
     with _Scrape(
-        app[METRICS_KEY], app[LIMITS_KEY], app[POOL_KEY], app[STOPPING_KEY], app[FAILURES_KEY]
+        app[METRICS_KEY],
+        app[LIMITS_KEY],
+        app[POOL_KEY],
+        app[STOPPING_KEY],
+        app[FAILURES_KEY],
+        app[LAST_SCRAPES_KEY],
     ) as scrape:
         try:
             return await _proxy(request, scrape)
@@ -380,6 +402,8 @@ async def _proxy(request: web.Request, scrape: _Scrape) -> web.StreamResponse:
         # Names that match no target are counted as target="": random names add no series.
         return scrape.fail("bad_name", repr(name)[:120], f"bad target name: {exc}")
     except NoSuchTarget as exc:
+        if name in app[TARGETS_KEY].explicit:  # listed whatever its socket: its 404 is shown
+            scrape.shown = name
         return scrape.fail("unknown", name, "no such target", str(exc))
     except DirectoryUnavailable as exc:
         # Never the name as a label: with the directory gone, any name fails this way.
