@@ -3,6 +3,9 @@ discovered through ``/-/sd``."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -95,3 +98,53 @@ def test_each_build_is_the_prometheus_it_stands_for(prometheus_build: Build) -> 
             check=True,
         )
         assert done.stdout.startswith("promtool, version 3."), done.stdout
+
+
+#: The relabelling the documentation shows: a job per user that owns a service's socket.
+RELABEL_JOB_FROM_OWNER = """\
+    relabel_configs:
+      # The job is the user that owns the socket (the service's own user); a target whose
+      # socket cannot be looked at keeps the job's name.
+      - source_labels: [__meta_aegis_socket_owner]
+        regex: (.+)
+        target_label: job
+      - source_labels: [__meta_aegis_socket_group]
+        target_label: socket_group
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving sockets to other users needs root")
+async def test_prometheus_names_each_job_after_the_user_that_owns_the_socket(
+    sockdir: Path,
+    upstreams: Upstreams,
+    children: Children,
+    prometheus: Callable[[str], Prometheus],
+) -> None:
+    owners = {"alpha": "nobody", "beta": "daemon"}
+    for name, owner in owners.items():
+        await upstreams.metrics(sockdir / f"{name}.sock", f"{name}_up 1\n")
+        user = pwd.getpwnam(owner)
+        os.chown(sockdir / f"{name}.sock", user.pw_uid, user.pw_gid)
+    groups = {
+        name: grp.getgrgid(pwd.getpwnam(owner).pw_gid).gr_name for name, owner in owners.items()
+    }
+    aegis, port = await children.serve(sockdir)
+    scraper = prometheus(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: aegis\n"
+        "    http_sd_configs:\n"
+        f"      - url: http://127.0.0.1:{port}/-/sd\n        refresh_interval: 1s\n"
+        + RELABEL_JOB_FROM_OWNER
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await scraper.wait_for_up(
+                session, up_is({"nobody/alpha": 1.0, "daemon/beta": 1.0}), within=30
+            )
+            for name, owner in owners.items():
+                [series] = await scraper.query(session, f"{name}_up")
+                assert series["metric"]["job"] == owner
+                assert series["metric"]["socket_group"] == groups[name]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\naegis:\n{aegis.output()[-3000:]}") from None
