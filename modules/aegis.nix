@@ -23,6 +23,11 @@ let
 
   targetSockets = lib.mapAttrsToList (_: target: target.socket) cfg.targets;
 
+  # The groups Aegis joins to reach the targets' sockets, each once.
+  targetGroups = lib.unique (
+    lib.filter (group: group != null) (lib.mapAttrsToList (_: target: target.group) cfg.targets)
+  );
+
   # Aegis reaches every socket it serves; the sandbox below must not hide any
   # of them.
   socketPaths = [ "${cfg.sockdir}/" ] ++ targetSockets;
@@ -127,6 +132,18 @@ in
               default = "/metrics";
               description = "HTTP path of the metrics on that socket.";
             };
+            group = lib.mkOption {
+              type = lib.types.nullOr (lib.types.strMatching "[A-Za-z0-9_][A-Za-z0-9_.-]*[$]?");
+              default = null;
+              example = "grafana";
+              description = ''
+                A group that gives access to the socket, for a service that
+                keeps its socket in a directory of its own with a group of its
+                own: Aegis's unit joins it (`SupplementaryGroups`), and
+                nothing else does. The group must exist, as the group of
+                the service's own module does.
+              '';
+            };
           };
         }
       );
@@ -137,6 +154,10 @@ in
           app = {
             socket = "/run/app/app.sock";
             path = "/debug/metrics";
+          };
+          grafana = {
+            socket = "/run/grafana/grafana.sock";
+            group = "grafana";
           };
         }
       '';
@@ -259,6 +280,8 @@ in
         );
         User = "aegis";
         Group = "within";
+        # The groups of targets' sockets, for this unit only.
+        SupplementaryGroups = lib.mkIf (targetGroups != [ ]) targetGroups;
         Restart = "on-failure";
         RestartSec = "30s";
         WorkingDirectory = "/srv/within/aegis";

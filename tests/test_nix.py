@@ -387,6 +387,35 @@ def test_exec_start_carries_targets_web_config_and_extra_flags(nixpkgs_lib: Path
     ]
 
 
+def test_a_targets_group_is_joined_by_the_unit_alone(nixpkgs_lib: Path) -> None:
+    """A service whose socket is in a directory of its own with a group of its own: Aegis's
+    unit joins that group (each group once, whichever targets name it), its user does not."""
+    settings = {
+        "targets": {
+            "grafana": {"socket": "/run/grafana/grafana.sock", "group": "grafana"},
+            "dashboards": {"socket": "/run/grafana/other.sock", "group": "grafana"},
+            "db": {"socket": "/run/db/metrics.sock", "group": "db-metrics"},
+            "plain": {"socket": "/run/plain/metrics.sock"},
+        }
+    }
+    result = eval_module(nixpkgs_lib, settings)
+    config = result["service"]["serviceConfig"]
+    assert config["SupplementaryGroups"] == ["grafana", "db-metrics"]
+    assert (config["User"], config["Group"]) == ("aegis", "within")
+    assert result["users"]["aegis"]["group"] == "within"
+    assert "extraGroups" not in result["users"]["aegis"]
+    # Without a group, nothing is joined.
+    plain = eval_module(nixpkgs_lib, {"targets": {"plain": settings["targets"]["plain"]}})
+    assert "SupplementaryGroups" not in plain["service"]["serviceConfig"]
+
+
+@pytest.mark.parametrize("group", ["", "two words", "%u", "a,b", "-x"])
+def test_a_group_systemd_would_read_otherwise_is_refused(nixpkgs_lib: Path, group: str) -> None:
+    settings = {"targets": {"db": {"socket": "/run/db/metrics.sock", "group": group}}}
+    with pytest.raises(NixError, match=re.escape("within.services.aegis.targets.db.group")):
+        eval_module(nixpkgs_lib, settings)
+
+
 @pytest.mark.parametrize(
     ("settings", "ports"),
     [
