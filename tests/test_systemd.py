@@ -29,6 +29,7 @@ lib. The container is always torn down, and every wait is bounded.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import resource
@@ -77,6 +78,10 @@ OPT = "/opt/aegis-test"
 PACKAGE = f"{OPT}/package"
 SOCKDIR = "/srv/within/run"
 LOCAL_SOCKET = f"{SOCKDIR}/local.sock"
+# A service that keeps its socket in a runtime directory of its own, 0750 with a group of its
+# own: Aegis reaches it only by joining that group (the module's targets.<name>.group).
+GROUPED = "fake-grouped"
+GROUPED_SOCKET = f"/run/{GROUPED}/metrics.sock"
 LISTEN_SOCKET = "/run/aegis/aegis.sock"
 WEB_DIR = "/etc/aegis"
 TARGET = "aegis-test.target"
@@ -402,6 +407,17 @@ Group=within
 UMask=0007
 """
 
+FAKE_GROUPED = f"""[Unit]
+Description=Fake metrics on {GROUPED_SOCKET}, for group {GROUPED} only
+[Service]
+ExecStart={PACKAGE}/bin/python {PACKAGE}/lib/fake_exporter.py {GROUPED_SOCKET} grouped
+User={GROUPED}
+Group={GROUPED}
+RuntimeDirectory={GROUPED}
+RuntimeDirectoryMode=0750
+UMask=0007
+"""
+
 
 @pytest.fixture(scope="module", params=["debian12-host", "debian13"])
 def booted(
@@ -427,6 +443,7 @@ def booted(
             "hostport": f"127.0.0.1:{port}",
             "webConfigFile": f"{WEB_DIR}/web.yml",
             "extraFlags": ["--web.listen-address", f"unix:{LISTEN_SOCKET}"],
+            "targets": {"grouped": {"socket": GROUPED_SOCKET, "group": GROUPED}},
         },
         PACKAGE,
     )
@@ -438,15 +455,24 @@ def booted(
             "description": "fake exporter",
             "home": "/",
             "createHome": False,
-        }
+        },
+        GROUPED: {
+            "isSystemUser": True,
+            "group": GROUPED,
+            "description": "fake exporter with a group of its own",
+            "home": "/",
+            "createHome": False,
+        },
     }
     files = {
         "system/aegis.service": render_unit(rendered["service"]),
         "system/fake-local.service": FAKE_LOCAL,
+        f"system/{GROUPED}.service": FAKE_GROUPED,
         f"system/{TARGET}": (
-            "[Unit]\nDescription=Aegis under test\nWants=aegis.service fake-local.service\n"
+            "[Unit]\nDescription=Aegis under test\n"
+            f"Wants=aegis.service fake-local.service {GROUPED}.service\n"
         ),
-        "sysusers.d/aegis.conf": render_sysusers(users, rendered["groups"]),
+        "sysusers.d/aegis.conf": render_sysusers(users, [*rendered["groups"], GROUPED]),
         "tmpfiles.d/aegis.conf": render_tmpfiles(rendered["tmpfiles"], users),
     }
     for name, text in files.items():
@@ -472,6 +498,7 @@ def booted(
     try:
         container.wait_booted()
         container.wait_active("fake-local.service")
+        container.wait_active(f"{GROUPED}.service")
         container.wait_active("aegis.service")
         booted = Booted(container, port, ca, rendered)
         deadline = time.monotonic() + 30
@@ -575,6 +602,66 @@ def test_nobody_cannot_reach_the_sockets(booted: Booted) -> None:
 def test_the_unix_listener_has_the_documented_owner_and_mode(booted: Booted) -> None:
     stat = booted.container.out("stat", "-c", "%U:%G %a", "/run/aegis", LISTEN_SOCKET)
     assert stat.splitlines() == ["aegis:within 750", "aegis:within 660"]
+
+
+def test_a_service_with_a_group_of_its_own_is_reached_through_the_units_group(
+    booted: Booted,
+) -> None:
+    container = booted.container
+    stat = container.out("stat", "-c", "%U:%G %a", f"/run/{GROUPED}", GROUPED_SOCKET)
+    assert stat.splitlines() == [f"{GROUPED}:{GROUPED} 750", f"{GROUPED}:{GROUPED} 770"]
+    # Aegis's user and group alone cannot reach it; the unit joins the service's group.
+    assert booted.connect_as("aegis", "within", GROUPED_SOCKET) == "EACCES"
+    shown = container.show("aegis.service", "SupplementaryGroups")
+    assert shown == {"SupplementaryGroups": GROUPED}
+    main = container.show("aegis.service", "MainPID")["MainPID"]
+    status = container.out("cat", f"/proc/{main}/status")
+    [groups] = [
+        line.split(":", 1)[1].split() for line in status.splitlines() if line.startswith("Groups:")
+    ]
+    gid = container.out("getent", "group", GROUPED).split(":")[2]
+    assert gid in groups
+    assert booted.scrape("/grouped") == (200, b'aegis_fake_up{source="grouped"} 1\n')
+
+
+def unit_argv(container: Container) -> list[str]:
+    """The unit's command line, as systemd runs it."""
+    shown = container.out("systemctl", "show", "--property=ExecStart", "--value", "aegis.service")
+    found = re.search(r"argv\[\]=(.*?) ;", shown)
+    assert found, shown
+    return found[1].split()
+
+
+def aegis_check(container: Container, *identity: str) -> tuple[int, dict[str, Any]]:
+    """``aegis check`` with the unit's own flags, as the user and groups ``identity`` gives
+    (setpriv's arguments: runuser would need PAM's configuration, which the volatile container
+    does not have)."""
+    argv = unit_argv(container)
+    done = container.run(
+        "setpriv", *identity, argv[0], "check", *argv[1:], "--output", "json", check=False
+    )
+    assert done.stdout, f"aegis check printed nothing (status {done.returncode}): {done.stderr}"
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_aegis_check_as_the_unit_finds_every_target_fine(booted: Booted) -> None:
+    # As the unit runs: user aegis, group within, and the targets' groups.
+    as_the_unit = ("--reuid=aegis", "--regid=within", f"--groups={GROUPED}")
+    status, report = aegis_check(booted.container, *as_the_unit)
+    results = {target["name"]: target["result"] for target in report["targets"]}
+    assert (status, report["ok"], results) == (0, True, {"grouped": "ok", "local": "ok"}), report
+    user, _, groups = report["user"].partition(" in groups ")
+    assert (user, set(groups.split(","))) == ("aegis", {"within", GROUPED})
+    by_name = {target["name"]: target for target in report["targets"]}
+    assert (by_name["grouped"]["owner"], by_name["grouped"]["group"]) == (GROUPED, GROUPED)
+    assert by_name["grouped"]["prometheus3"] is True
+    # Aegis's user with its own groups only, as `sudo -u aegis` gives: the grouped socket is out
+    # of reach, and the check says so.
+    status, report = aegis_check(
+        booted.container, "--reuid=aegis", "--regid=within", "--init-groups"
+    )
+    results = {target["name"]: target["result"] for target in report["targets"]}
+    assert (status, results) == (1, {"grouped": "permission", "local": "ok"}), report
 
 
 def readme_exposure() -> float:
