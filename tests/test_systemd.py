@@ -686,6 +686,10 @@ def test_a_killed_aegis_restarts_after_restart_sec(booted: Booted) -> None:
     before = container.show("aegis.service", "MainPID", "NRestarts")
     container.out("kill", "-KILL", before["MainPID"])
     killed = time.monotonic()
+    # Until systemd has seen the death: until then the unit still shows active.
+    while container.show("aegis.service", "ActiveState")["ActiveState"] == "active":
+        assert time.monotonic() - killed < 10, container.journal("aegis.service")
+        time.sleep(0.05)
     after = container.wait_active("aegis.service", within=seconds + 60)
     assert time.monotonic() - killed >= seconds - 1
     assert after["MainPID"] != before["MainPID"]
