@@ -20,6 +20,13 @@ let
   # Unix socket in sockdir, served as /haproxy like any other socket there.
   haproxySocket = "${sockdir}/haproxy.sock";
 
+  # A real service from nixpkgs that keeps its socket to itself: Grafana with
+  # protocol "socket" listens on nixpkgs' default /run/grafana/grafana.sock,
+  # in the unit's RuntimeDirectory, the socket 0660 grafana:grafana (the
+  # module's socket_mode, and the group of its user). Aegis reaches it by
+  # joining group grafana (targets.grafana.group), and serves its /metrics.
+  grafanaSocket = "/run/grafana/grafana.sock";
+
   # TLS and basic auth, as in the nspawn test (tests/test_systemd.py). The
   # certificate is its own CA, for host "server" (Prometheus) and "localhost"
   # (the unix: listener); its key is a throwaway in the world-readable store.
@@ -82,6 +89,10 @@ in
             socket = elsewhereSocket;
             path = elsewherePath;
           };
+          targets.grafana = {
+            socket = grafanaSocket;
+            group = "grafana";
+          };
           webConfigFile = "${webConfig}";
           extraFlags = [
             "--web.listen-address"
@@ -93,6 +104,19 @@ in
           isSystemUser = true;
           group = "within";
         };
+
+        # --- a service's own socket: Grafana ---
+        services.grafana = {
+          enable = true;
+          settings = {
+            server.protocol = "socket";
+            # 26.05 has no default; a throwaway for a test VM.
+            security.secret_key = "aegis-vm-test-not-a-secret";
+            analytics.reporting_enabled = false;
+          };
+        };
+        virtualisation.memorySize = 2048;
+        # --- end of Grafana ---
 
         # --- a real exporter: HAProxy (the test script starts it) ---
         # nixpkgs' module runs HAProxy as haproxy:haproxy with ProtectSystem =
@@ -206,6 +230,13 @@ in
                   refresh_interval = "2s";
                 })
               ];
+              # The user that owns each socket, from /-/sd's metadata.
+              relabel_configs = [
+                {
+                  source_labels = [ "__meta_aegis_socket_owner" ];
+                  target_label = "owner";
+                }
+              ];
             })
           ];
         };
@@ -236,8 +267,10 @@ in
 
     server.wait_for_unit("fake-local.service")
     server.wait_for_unit("fake-elsewhere.service")
+    server.wait_for_unit("grafana.service")
     server.wait_for_open_unix_socket("${localSocket}")
     server.wait_for_open_unix_socket("${elsewhereSocket}")
+    server.wait_for_open_unix_socket("${grafanaSocket}")
     server.wait_for_unit("aegis.service")
     server.wait_for_open_port(${toString port})
     prometheus.wait_for_unit("prometheus.service")
@@ -285,7 +318,13 @@ in
         paths = prometheus.succeed(
             f"{curl} -sSf {url}/-/sd | jq -r '.[].labels.__metrics_path__' | sort"
         ).split()
-        assert paths == ["/elsewhere", "/late", "/local"], f"unexpected /-/sd paths: {paths}"
+        assert paths == ["/elsewhere", "/grafana", "/late", "/local"], f"unexpected /-/sd paths: {paths}"
+        owners = json.loads(
+            prometheus.succeed(
+                f"{curl} -sSf {url}/-/sd | jq -c 'map({{(.labels.target): .labels.__meta_aegis_socket_owner}}) | add'"
+            )
+        )
+        assert owners == {"elsewhere": "fake-exporter", "grafana": "grafana", "late": "fake-exporter", "local": "fake-exporter"}, owners
 
     with subtest("prometheus sees every socket up, configured statically and through /-/sd"):
         prometheus.wait_until_succeeds(
@@ -296,11 +335,39 @@ in
         prometheus.wait_until_succeeds(
             "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
             + "--data-urlencode 'query=count(up{job=\"aegis-sd\"} == 1)' "
-            + "| jq -e '.data.result[0].value[1] == \"3\"'"
+            + "| jq -e '.data.result[0].value[1] == \"4\"'"
         )
         for source in ["local", "elsewhere", "late"]:
             value = prometheus_value(f'max(aegis_fake_up{{source="{source}"}})')
             assert value == "1", f"prometheus has no samples from {source}: {value}"
+
+    with subtest("grafana's own socket is reached through its group, which only aegis's unit joins"):
+        modes = server.succeed("stat -c '%U:%G %a' /run/grafana ${grafanaSocket}").split()
+        assert modes == ["grafana:grafana", "755", "grafana:grafana", "660"], f"unexpected modes: {modes}"
+        server.fail("runuser -u aegis -- curl -sSf --unix-socket ${grafanaSocket} http://localhost/metrics")
+        main = server.succeed("systemctl show -P MainPID aegis.service").strip()
+        gid = server.succeed("getent group grafana").split(":")[2]
+        groups = [line for line in server.succeed(f"cat /proc/{main}/status").splitlines() if line.startswith("Groups:")]
+        assert gid in groups[0].split()[1:], groups
+        prometheus.succeed(f"{curl} -sSf {url}/grafana | grep -q '^grafana_build_info'")
+        prometheus.wait_until_succeeds(
+            "curl -sSf --get http://127.0.0.1:9090/api/v1/query "
+            + "--data-urlencode 'query=up{job=\"aegis-sd\",target=\"grafana\",owner=\"grafana\"} == 1' "
+            + "| jq -e '.data.result | length == 1'"
+        )
+
+    with subtest("aegis check, run as aegis's unit runs, finds every target fine"):
+        # The unit's own command line, as systemd runs it, and its user and groups.
+        shown = server.succeed("systemctl show -P ExecStart aegis.service")
+        argv = shown.split("argv[]=", 1)[1].split(" ;", 1)[0].split()
+        check = " ".join([argv[0], "check", *argv[1:], "--output", "json"])
+        report = json.loads(server.succeed(f"runuser -u aegis -g within -G grafana -- {check}"))
+        results = {target["name"]: target["result"] for target in report["targets"]}
+        assert report["ok"] and results == {"elsewhere": "ok", "grafana": "ok", "late": "ok", "local": "ok"}, report
+        # With aegis's own groups only (what sudo -u aegis gives), grafana is out of reach.
+        status, out = server.execute(f"runuser -u aegis -- {check}")
+        results = {target["name"]: target["result"] for target in json.loads(out)["targets"]}
+        assert status == 1 and results["grafana"] == "permission", out
 
     with subtest("users outside group within cannot reach the sockets"):
         server.fail("runuser -u nobody -- ls ${sockdir}")
