@@ -349,3 +349,28 @@ async def test_chromium_renders_one_row_per_target_with_nothing_from_elsewhere(
 
     shot = await screenshot(tmp_path, url, (1200, 600))
     assert shot.stat().st_size > 10000  # a page, not a blank window
+
+
+async def test_paths_that_are_not_utf8_are_shown_escaped_never_a_500(
+    aegis: AegisFactory, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """A socket directory or a socket whose path is not UTF-8 (Python decodes its bytes with
+    surrogate escapes): shown with the escapes as text, in every answer that names it."""
+    directory = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"r\xffun")))
+    os.mkdir(directory)
+    await upstreams.metrics(directory / "a.sock", "up 1\n")
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"x\xfe.sock")))
+    client = await aegis(sockdir=directory, targets={"x": Target("x", odd)})
+    assert (await client.get("/a")).status == 200
+    html = await (await client.get("/")).text()
+    assert "r\\udcffun/a.sock" in html
+    assert "x\\udcfe.sock" in html
+    page = await (await client.get("/", headers=JSON)).json()
+    assert [target["socket"] for target in page["targets"]] == [str(directory / "a.sock"), str(odd)]
+    assert (await client.get("/-/sd")).status == 200
+    os.unlink(directory / "a.sock")
+    os.rmdir(directory)
+    assert "socket directory unavailable" in await (await client.get("/")).text()
+    gone = await client.get("/-/sd")
+    assert gone.status == 503
+    assert "r\\udcffun: does not exist" in await gone.text()

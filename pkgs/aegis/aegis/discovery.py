@@ -216,7 +216,14 @@ async def service_discovery(
     try:
         catalog = targets.catalog()
     except DirectoryUnavailable as exc:
-        return web.Response(status=503, text=f"socket directory unavailable: {exc.reason}\n")
+        # The reason names the directory, whose path need not be UTF-8.
+        reason = f"socket directory unavailable: {exc.reason}\n"
+        return web.Response(
+            status=503,
+            body=reason.encode(errors="backslashreplace"),
+            content_type="text/plain",
+            charset="utf-8",
+        )
     labels: dict[str, str] = {}
     if external is not None:
         address, prefix = external.address, external.prefix

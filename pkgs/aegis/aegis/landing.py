@@ -37,6 +37,9 @@ from .targets import Catalog, DirectoryUnavailable, Targets
 
 __all__ = ["landing"]
 
+#: What a path or a name that is not UTF-8 (its bytes decoded with surrogate escapes, as Python
+#: decodes file names) becomes in the HTML page: its escapes, as text. JSON escapes them itself.
+_UNENCODABLE = "backslashreplace"
 # Names that read the same in HTML, in a URL path and as text: nothing to escape.
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -208,7 +211,7 @@ def _html_row(name: str, sockets: Mapping[str, SocketFile]) -> bytes:
     return (
         f'<tr><td><a href="{href}">{text}</a></td><td><code>{html.escape(file.path)}</code></td>'
         f"{facts}"
-    ).encode()
+    ).encode(errors=_UNENCODABLE)
 
 
 def _html_outcome(outcome: Outcome, now: float) -> bytes:
@@ -266,7 +269,7 @@ def _html_page(state: _State, problem: str | None) -> Pieces:
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(state.now))}</time>; "
         "this page scrapes nothing.</p>\n"
         f"<table>\n<thead><tr>{_HEAD}</tr></thead>\n<tbody>\n"
-    ).encode()
+    ).encode(errors=_UNENCODABLE)
     yield from state.pieces(cells, otherwise)
     endpoints = "".join(f'<li><a href="{path[1:]}">{path}</a></li>\n' for path in ENDPOINTS)
     yield f"</tbody>\n</table>\n<h2>Aegis</h2>\n<ul>\n{endpoints}</ul>\n</body>\n</html>\n".encode()
