@@ -76,7 +76,8 @@ class _State:
     catalog: Catalog
     rows: Sequence[bytes]
     last: Mapping[str, Outcome]
-    #: Whether targets past the bound went unrecorded: then no record is "not recorded".
+    #: Whether targets past the bound went unrecorded: then a target without a record is "not
+    #: recorded" rather than "never scraped".
     full: bool
     now: float
 

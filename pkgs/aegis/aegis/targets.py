@@ -28,7 +28,7 @@ taken from the status the listing reads anyway to tell sockets from other files:
 system call of their own. A socket's facts are read again when the directory changes, unless
 they were read well after the file last changed (its ctime): a service that binds its socket
 and then changes its owner or mode at once is seen as it ends up. A change much later to a
-socket that stays shows once the socket is made anew (the service restarts) or Aegis does.
+socket that stays shows once the socket is made anew (the service restarts) or Aegis restarts.
 """
 
 from __future__ import annotations
