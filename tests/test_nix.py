@@ -9,7 +9,7 @@ Nothing here builds with Nix. What runs:
 - the ExecStart it evaluates to, split as systemd splits it, starts the
   installed aegis, which then serves a real Unix-socket exporter;
 - pkgs/aegis/default.nix, called with stub arguments, has a source that holds
-  the Python project, the tests and README.md, and nothing else;
+  the Python project, the tests, README.md and docs/, and nothing else;
 - the build's check phase, rehearsed: its pytest command on a read-only copy of
   exactly the files that source selects, as an unprivileged user with
   HOME=/homeless-shelter, no network and only the installed package (root);
@@ -637,6 +637,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "modules/aegis.nix": "{ }",
         "flake.nix": "{ }",
         "README.md": "",
+        "docs/operating.md": "",
         ".ci/run": "",
         ".gitignore": "",
         ".ci/other": "",
@@ -655,6 +656,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         ".ci/run",
         ".gitignore",
         "README.md",
+        "docs/operating.md",
         "pkgs/aegis/aegis/__init__.py",
         "pkgs/aegis/pyproject.toml",
         "tests/conftest.py",
