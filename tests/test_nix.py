@@ -2,7 +2,8 @@
 
 Nothing here builds with Nix. What runs:
 
-- every tracked .nix file parses (nix-instantiate --parse);
+- every tracked .nix file parses (nix-instantiate --parse), and so does every
+  nix block of README.md and docs/;
 - modules/aegis.nix, evaluated by nixpkgs' real lib.evalModules against stub
   NixOS options (tests/nix/eval-module.nix), gives the expected service,
   user, tmpfiles rule, firewall port and assertions;
@@ -54,6 +55,7 @@ from nixeval import (
     find_nixpkgs_lib,
     nix,
 )
+from readmeblocks import Block, blocks
 
 import aegis
 
@@ -185,6 +187,16 @@ def test_the_nix_files_are_tracked() -> None:
 @pytest.mark.parametrize("path", tracked_nix_files())
 def test_nix_file_parses(path: str) -> None:
     nix("--parse", path)
+
+
+@needs_nix
+@pytest.mark.parametrize("block", [b for b in blocks() if b.lang == "nix"], ids=str)
+def test_the_docs_nix_blocks_parse(block: Block, tmp_path: Path) -> None:
+    (tmp_path / "block.nix").write_text(block.text)
+    try:
+        nix("--parse", str(tmp_path / "block.nix"))
+    except NixError as exc:
+        raise AssertionError(f"{block}: {exc}") from None
 
 
 def test_flake_lock_pins_nixos_26_05() -> None:

@@ -497,7 +497,7 @@ def test_the_venv_the_commands_make_is_ignored_by_git() -> None:
         assert venv in ignored or f"{venv}/" in ignored, f".gitignore does not ignore {venv}"
 
 
-# The library example, the links, the Nix blocks.
+# The library example and the links.
 
 
 async def test_library_example_serves_sockets_and_metrics_on_the_global_registry(
@@ -538,6 +538,9 @@ def anchors(page: Path) -> set[str]:
 
 
 def test_links_between_the_pages_lead_somewhere() -> None:
+    # The Nix package's source holds README.md and docs/ but not the rest of the repository
+    # (bench/, LICENSE...): there, only the links between the pages can be followed.
+    whole = (ROOT / "flake.nix").is_file()
     broken = []
     for page in pages():
         for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
@@ -545,20 +548,10 @@ def test_links_between_the_pages_lead_somewhere() -> None:
                 continue  # a URL: not ours to check
             path, _, anchor = link.partition("#")
             target = (page.parent / path).resolve() if path else page
+            if not whole and target not in pages():
+                continue
             if not target.exists():
                 broken.append(f"{page.name}: {link} (no such file)")
             elif anchor and target.suffix == ".md" and anchor not in anchors(target):
                 broken.append(f"{page.name}: {link} (no such heading)")
     assert broken == []
-
-
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
-
-
-@pytest.mark.skipif(NIX_INSTANTIATE is None, reason="no nix-instantiate (Debian: nix-bin)")
-@pytest.mark.parametrize("block", [b for b in blocks() if b.lang == "nix"], ids=str)
-def test_nix_blocks_parse(block: Block, tmp_path: Path) -> None:
-    assert NIX_INSTANTIATE is not None
-    (tmp_path / "block.nix").write_text(block.text)
-    parsed = run(NIX_INSTANTIATE, "--parse", "block.nix", cwd=tmp_path)
-    assert parsed.returncode == 0, f"{block}:\n{parsed.stderr}"
