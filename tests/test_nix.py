@@ -2,14 +2,15 @@
 
 Nothing here builds with Nix. What runs:
 
-- every tracked .nix file parses (nix-instantiate --parse);
+- every tracked .nix file parses (nix-instantiate --parse), and so does every
+  nix block of README.md and docs/;
 - modules/aegis.nix, evaluated by nixpkgs' real lib.evalModules against stub
   NixOS options (tests/nix/eval-module.nix), gives the expected service,
   user, tmpfiles rule, firewall port and assertions;
 - the ExecStart it evaluates to, split as systemd splits it, starts the
   installed aegis, which then serves a real Unix-socket exporter;
 - pkgs/aegis/default.nix, called with stub arguments, has a source that holds
-  the Python project, the tests and README.md, and nothing else;
+  the Python project, the tests, README.md and docs/, and nothing else;
 - the build's check phase, rehearsed: its pytest command on a read-only copy of
   exactly the files that source selects, as an unprivileged user with
   HOME=/homeless-shelter, no network and only the installed package (root);
@@ -54,6 +55,7 @@ from nixeval import (
     find_nixpkgs_lib,
     nix,
 )
+from readmeblocks import Block, blocks
 
 import aegis
 
@@ -185,6 +187,16 @@ def test_the_nix_files_are_tracked() -> None:
 @pytest.mark.parametrize("path", tracked_nix_files())
 def test_nix_file_parses(path: str) -> None:
     nix("--parse", path)
+
+
+@needs_nix
+@pytest.mark.parametrize("block", [b for b in blocks() if b.lang == "nix"], ids=str)
+def test_the_docs_nix_blocks_parse(block: Block, tmp_path: Path) -> None:
+    (tmp_path / "block.nix").write_text(block.text)
+    try:
+        nix("--parse", str(tmp_path / "block.nix"))
+    except NixError as exc:
+        raise AssertionError(f"{block}: {exc}") from None
 
 
 def test_flake_lock_pins_nixos_26_05() -> None:
@@ -666,6 +678,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         "modules/aegis.nix": "{ }",
         "flake.nix": "{ }",
         "README.md": "",
+        "docs/operating.md": "",
         ".ci/run": "",
         ".gitignore": "",
         ".ci/other": "",
@@ -684,6 +697,7 @@ def test_package_source_is_the_project_and_its_tests(nixpkgs_lib: Path, tmp_path
         ".ci/run",
         ".gitignore",
         "README.md",
+        "docs/operating.md",
         "pkgs/aegis/aegis/__init__.py",
         "pkgs/aegis/pyproject.toml",
         "tests/conftest.py",

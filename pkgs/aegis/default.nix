@@ -25,9 +25,9 @@ let
   pyproject = lib.importTOML ./pyproject.toml;
 
   # The Python project is pkgs/aegis/, but its tests are in tests/ at the
-  # repository root, and tests/test_readme.py checks README.md against the
-  # code, CI's script and .gitignore, so the source is the repository cut down
-  # to those. The Nix files are left out, so that
+  # repository root, and tests/test_readme.py checks README.md and docs/
+  # against the code, CI's script and .gitignore, so the source is the
+  # repository cut down to those. The Nix files are left out, so that
   # editing them does not rebuild the package, and so are tests/test_nix.py
   # and tests/test_systemd.py, which check those Nix files and need tools
   # (nix-instantiate, root, systemd-nspawn) the build sandbox does not have.
@@ -37,6 +37,7 @@ let
     root = ../..;
     fileset = lib.fileset.unions [
       ../../README.md
+      ../../docs
       ../../.ci/run
       ../../.gitignore
       (lib.fileset.difference ./. (
