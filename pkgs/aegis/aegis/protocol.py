@@ -26,6 +26,7 @@ like a 405, so a client cannot make a name a label value by sending a bad head.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
@@ -36,7 +37,14 @@ from aiohttp.typedefs import Handler
 
 from .relay import Relayed
 
-__all__ = ["MAX_HOST", "RequestCheck", "drop_server_header", "listener_address", "valid_host"]
+__all__ = [
+    "MAX_HOST",
+    "RequestCheck",
+    "drop_server_header",
+    "ipv4_form",
+    "listener_address",
+    "valid_host",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,17 @@ def valid_host(host: str) -> bool:
     return True
 
 
+def ipv4_form(address: str) -> str:
+    """An IPv4 peer of an IPv6 socket (``[::]``) as Go writes it, ``10.0.0.1`` rather than
+    ``::ffff:10.0.0.1``; any other address unchanged."""
+    if address.startswith("::ffff:"):
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(address).ipv4_mapped
+            if mapped is not None:
+                return str(mapped)
+    return address
+
+
 def listener_address(request: web.BaseRequest) -> str | None:
     """``host:port`` of the listener the request came in on (``[v6]:port``, an IPv4 client of
     an IPv6 listener in its IPv4 form), for a request without a Host; None for a Unix socket,
@@ -74,14 +93,8 @@ def listener_address(request: web.BaseRequest) -> str | None:
     sockname = transport.get_extra_info("sockname") if transport is not None else None
     if not isinstance(sockname, tuple) or len(sockname) < 2:
         return None
-    host, port = str(sockname[0]), int(sockname[1])
-    if ":" in host:
-        try:
-            mapped = ipaddress.IPv6Address(host.partition("%")[0]).ipv4_mapped
-        except ValueError:
-            mapped = None
-        host = str(mapped) if mapped is not None else f"[{host}]"
-    return f"{host}:{port}"
+    host, port = ipv4_form(str(sockname[0])), int(sockname[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class RequestCheck:

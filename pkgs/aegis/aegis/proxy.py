@@ -20,8 +20,6 @@ otherwise the exchange runs to its deadline, capped at :data:`MAX_SCRAPE_TIMEOUT
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import math
 import socket
@@ -582,13 +580,7 @@ def client_address(request: web.BaseRequest) -> str:
     """The client's address as logs and X-Forwarded-For give it: an IPv4 client of an IPv6
     listener (``[::]``) in its IPv4 form, as Go writes it, not ``::ffff:10.0.0.1``; "" for a
     Unix-socket client."""
-    remote = request.remote or ""
-    if remote.startswith("::ffff:"):
-        with contextlib.suppress(ValueError):
-            mapped = ipaddress.IPv6Address(remote).ipv4_mapped
-            if mapped is not None:
-                return str(mapped)
-    return remote
+    return protocol.ipv4_form(request.remote or "")
 
 
 def _learn_listener(request: web.Request) -> None:

@@ -31,6 +31,8 @@ from typing import Any, TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..protocol import ipv4_form
+
 __all__ = [
     "FORMATS",
     "LEVELS",
@@ -172,8 +174,8 @@ class MalformedRequests(logging.Filter):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         client = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        if isinstance(client, str) and client.startswith("::ffff:") and "." in client:
-            client = client[len("::ffff:") :]  # an IPv4 client of [::], written as Go does
+        if isinstance(client, str):
+            client = ipv4_form(client)
         record.msg, record.args = "malformed request", ()
         record.exc_info = record.exc_text = None
         record.__dict__.update(client=client, status=exc.code, reason=exc.message)
